@@ -1,0 +1,108 @@
+/**
+ * The things being compared, all on loopback in front of one Dovecot:
+ *   direct  Dovecot itself (imap / imaps port)
+ *   relay   haproxy `mode tcp`, a blind relay (terminating TLS in the TLS variant)
+ *   proxy   xaps-proxy, in its own process, started as operators run it (dist/cli/main.js serve)
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { freePorts, startTcpRelay, waitFor, type TcpRelayInstance } from '../../src/testbed/index.js';
+import { canConnect, spawnDaemon, terminate, WaitAborted, type TrackedProcess } from '../../src/testbed/processes.js';
+
+export type TargetName = 'direct' | 'relay' | 'proxy';
+export type Variant = 'plain' | 'tls';
+
+export const TARGET_LABEL: Record<TargetName, string> = {
+  direct: 'Dovecot direct',
+  relay: 'haproxy mode tcp',
+  proxy: 'xaps-proxy',
+};
+
+export interface ProxyProcess {
+  pid: number;
+  plainPort: number;
+  tlsPort: number;
+  logPath: string;
+  /** The exact command line, for the report. */
+  argv: string[];
+  /** Where --cpu-prof writes, when profiling. */
+  profileDir?: string;
+  stop(): Promise<void>;
+}
+
+export interface ProxyStartOptions {
+  root: string;
+  upstreamPort: number;
+  certPath: string;
+  keyPath: string;
+  workDir: string;
+  /** Run under `node --cpu-prof`, profile written into this dir on exit. */
+  profileDir?: string;
+}
+
+/** `node dist/cli/main.js serve …` with a plain and a TLS listener, in a child process. */
+export async function startProxyProcess(o: ProxyStartOptions): Promise<ProxyProcess> {
+  const main = path.join(o.root, 'dist', 'cli', 'main.js');
+  const [plainPort, tlsPort] = await freePorts(2);
+  const nodeArgs = o.profileDir ? ['--cpu-prof', '--cpu-prof-dir', o.profileDir] : [];
+  if (o.profileDir) fs.mkdirSync(o.profileDir, { recursive: true });
+  const args = [
+    ...nodeArgs,
+    main,
+    'serve',
+    '--listen', `127.0.0.1:${plainPort}`,
+    '--listen-tls', `127.0.0.1:${tlsPort}`,
+    '--tls-cert', o.certPath,
+    '--tls-key', o.keyPath,
+    '--upstream', `127.0.0.1:${o.upstreamPort}`,
+    '--log-level', 'warn',
+  ];
+  const logPath = path.join(o.workDir, 'xaps-proxy.log');
+  const env = { ...process.env };
+  for (const k of Object.keys(env)) if (k.startsWith('XAPS_')) delete env[k]; // flags only
+  const proc: TrackedProcess = await spawnDaemon(process.execPath, args, { logPath, cwd: o.root, env });
+  try {
+    await waitFor(
+      async () => {
+        if (proc.hasExited()) throw new WaitAborted('xaps-proxy exited during startup');
+        return (await canConnect('127.0.0.1', plainPort)) && (await canConnect('127.0.0.1', tlsPort));
+      },
+      { timeoutMs: 20_000, intervalMs: 50, what: `xaps-proxy listening on ${plainPort} and ${tlsPort}` },
+    );
+  } catch (err) {
+    await terminate(proc, { graceMs: 2000 });
+    const log = fs.existsSync(logPath) ? fs.readFileSync(logPath, 'utf8').trimEnd() : '';
+    throw new Error(`xaps-proxy did not start (${(err as Error).message})\n${log}`);
+  }
+  let stopping: Promise<void> | undefined;
+  return {
+    pid: proc.pid,
+    plainPort,
+    tlsPort,
+    logPath,
+    argv: [process.execPath, ...args],
+    profileDir: o.profileDir,
+    stop() {
+      // SIGTERM: `serve` drains (no sessions left) and exits 0; --cpu-prof writes on that exit
+      stopping ??= terminate(proc, { graceMs: 15_000 });
+      return stopping;
+    },
+  };
+}
+
+export interface Relays {
+  plain: TcpRelayInstance;
+  tls: TcpRelayInstance;
+}
+
+/** Two haproxy processes (mode tcp): one plain, one terminating TLS with Dovecot's cert. */
+export async function startRelays(upstreamPort: number, certPath: string, keyPath: string, track: (stop: () => Promise<void>) => void): Promise<Relays> {
+  const plain = await startTcpRelay({ target: { host: '127.0.0.1', port: upstreamPort } });
+  track(() => plain.stop());
+  const tls = await startTcpRelay({
+    target: { host: '127.0.0.1', port: upstreamPort },
+    tls: { certPemPath: certPath, keyPemPath: keyPath },
+  });
+  track(() => tls.stop());
+  return { plain, tls };
+}

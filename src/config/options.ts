@@ -1,0 +1,377 @@
+/**
+ * THE list of configuration options. Everything else — the command-line parser, the
+ * environment reader, the YAML reader, `--help`, `config check` output and the `Config`
+ * type — is derived from `OPTIONS` (plus the cross-option `RULES` below).
+ *
+ * To add an option, add one entry to OPTIONS:
+ *
+ *   'metrics-listen': option({
+ *     group: 'Operations',
+ *     type: v.hostPort(),
+ *     commands: ['serve'],
+ *     description: 'Serve Prometheus metrics on http://HOST:PORT/metrics.',
+ *   }),
+ *
+ * and it becomes `--metrics-listen`, `XAPS_METRICS_LISTEN`, the YAML key `metrics-listen`
+ * and `config.metricsListen: HostPort | undefined` (non-optional when it has a `default`
+ * or `required: true`). Only when it constrains other options does it also need a RULES entry.
+ */
+import { z } from 'zod';
+import * as v from './values.js';
+import type { HostPort, ValueType } from './values.js';
+
+/** Subcommands that read configuration; each validates only the options it lists. */
+export const COMMANDS = ['serve', 'devices'] as const;
+export type Command = (typeof COMMANDS)[number];
+
+export interface OptionSpec<T = unknown> {
+  /** How a raw value is parsed, printed and shown in help. */
+  readonly type: ValueType<T>;
+  /** Help text (one paragraph). */
+  readonly description: string;
+  /** Subcommands that use the option; it is neither accepted as a flag nor validated elsewhere. */
+  readonly commands: readonly Command[];
+  /** Heading under which help lists the option. */
+  readonly group: string;
+  /** Default, written as a user would (parsed like any input). */
+  readonly default?: string;
+  /** What an unset optional option means, for help and `config check` (e.g. "the upstream host"). */
+  readonly unsetMeans?: string;
+  /** Must be set (for every command that uses it). */
+  readonly required?: boolean;
+  /** Bears a secret: masked whenever printed. */
+  readonly secret?: boolean;
+  /** false: cannot be a key of the config file (only `config` itself). */
+  readonly inFile?: boolean;
+}
+
+/** Identity helper that keeps the literal types of an entry (commands, default, required). */
+function option<const D extends OptionSpec<any>>(spec: D): D {
+  return spec;
+}
+
+const ALL = ['serve', 'devices'] as const;
+const SERVE = ['serve'] as const;
+
+export const OPTIONS = {
+  // ---- General
+  config: option({
+    group: 'General',
+    type: v.readableFile(),
+    commands: ALL,
+    inFile: false,
+    description:
+      'YAML configuration file. Its keys are the option names exactly as the flags spell them, without "--" ' +
+      '(e.g. "listen-tls: 0.0.0.0:993"); unknown keys are an error. Relative paths in it are resolved ' +
+      'against the directory of the file.',
+  }),
+  'log-level': option({
+    group: 'General',
+    type: v.oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
+    commands: ALL,
+    default: 'info',
+    description: 'Log verbosity (the devices commands log only warnings unless this is set).',
+  }),
+
+  // ---- Client side
+  listen: option({
+    group: 'Listeners',
+    type: v.hostPort(),
+    commands: SERVE,
+    description:
+      'Plain IMAP listener (HOST is an IPv4 address, [IPv6] or a name). Offers STARTTLS when --tls-cert ' +
+      'and --tls-key are set. At least one of --listen and --listen-tls is required.',
+  }),
+  'listen-tls': option({
+    group: 'Listeners',
+    type: v.hostPort(),
+    commands: SERVE,
+    description: 'Implicit-TLS IMAP listener (IMAPS, usually port 993). Requires --tls-cert and --tls-key.',
+  }),
+  'tls-cert': option({
+    group: 'Listeners',
+    type: v.readableFile(),
+    commands: SERVE,
+    description: 'PEM certificate chain presented to clients (for --listen-tls and STARTTLS on --listen).',
+  }),
+  'tls-key': option({
+    group: 'Listeners',
+    type: v.readableFile(),
+    commands: SERVE,
+    description: 'PEM private key of --tls-cert.',
+  }),
+  'allow-plaintext-auth': option({
+    group: 'Listeners',
+    type: v.boolean(),
+    commands: SERVE,
+    default: 'false',
+    description:
+      'Allow LOGIN/AUTHENTICATE over an unencrypted --listen connection from non-loopback clients ' +
+      '(otherwise refused until STARTTLS). For labs only.',
+  }),
+  'idle-timeout': option({
+    group: 'Listeners',
+    type: v.duration({
+      min: 30 * 60_000,
+      minReason: 'IMAP clients re-IDLE every 29 minutes and RFC 3501 autologout is at least 30 minutes',
+    }),
+    commands: SERVE,
+    default: '35m',
+    description: 'Close client connections idle for longer than this. At least 30m.',
+  }),
+
+  // ---- Upstream
+  upstream: option({
+    group: 'Upstream',
+    type: v.hostPort(),
+    commands: SERVE,
+    required: true,
+    description: 'The real IMAP server (Dovecot, Cyrus, …) every connection is relayed to.',
+  }),
+  'upstream-tls': option({
+    group: 'Upstream',
+    type: v.oneOf(['none', 'starttls', 'tls']),
+    commands: SERVE,
+    default: 'none',
+    description: 'How to secure the upstream connection: none, STARTTLS, or implicit TLS.',
+  }),
+  'upstream-ca': option({
+    group: 'Upstream',
+    type: v.readableFile(),
+    commands: SERVE,
+    unsetMeans: 'the system trust store',
+    description: 'PEM file of the CA(s) trusted for the upstream certificate.',
+  }),
+  'upstream-servername': option({
+    group: 'Upstream',
+    type: v.hostName(),
+    commands: SERVE,
+    unsetMeans: 'the --upstream host',
+    description: 'TLS server name (SNI) sent upstream and checked against its certificate.',
+  }),
+  'upstream-insecure': option({
+    group: 'Upstream',
+    type: v.boolean(),
+    commands: SERVE,
+    default: 'false',
+    description: 'Do not verify the upstream certificate. For labs only.',
+  }),
+  'connect-timeout': option({
+    group: 'Upstream',
+    type: v.duration(),
+    commands: SERVE,
+    default: '10s',
+    description: 'Give up connecting (TCP and TLS handshake) to the upstream server after this long.',
+  }),
+  'client-ip': option({
+    group: 'Upstream',
+    type: v.oneOf(['id', 'proxy-v2', 'none']),
+    commands: SERVE,
+    default: 'id',
+    description:
+      'How the client\'s address is passed upstream: "id" (IMAP ID x-originating-ip, as Dovecot login_trusted_networks ' +
+      'expects), "proxy-v2" (HAProxy PROXY protocol v2 header), or "none".',
+  }),
+
+  // ---- Push
+  'apns-topic': option({
+    group: 'Push',
+    type: v.text({
+      placeholder: 'TOPIC',
+      expected: 'an APNs topic',
+      check: (s) =>
+        /^(com\.apple\.mobilemail\.push\.|com\.apple\.mail\.)\S+$/.test(s)
+          ? undefined
+          : 'must start with "com.apple.mobilemail.push." or "com.apple.mail." (the topic of the Mail push certificate)',
+    }),
+    commands: SERVE,
+    unsetMeans: 'push disabled, XAPPLEPUSHSERVICE not advertised',
+    description: 'APNs topic of the Mail push certificate. When set, push is configured and XAPPLEPUSHSERVICE is advertised.',
+  }),
+
+  // ---- Storage
+  'redis-url': option({
+    group: 'Storage',
+    type: v.redisUrl(),
+    commands: ALL,
+    secret: true,
+    unsetMeans: 'the embedded store in --data-dir',
+    description:
+      'Redis for device registrations: redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://… (TLS), ' +
+      'redis+sentinel://H1,H2/MASTER or redis+cluster://H1,H2 (rediss+… for TLS).',
+  }),
+  'data-dir': option({
+    group: 'Storage',
+    type: v.directory(),
+    commands: ALL,
+    default: '/var/lib/xaps-proxy',
+    description: 'Directory for state (the embedded registration store when --redis-url is not set).',
+  }),
+  'registration-ttl': option({
+    group: 'Storage',
+    type: v.duration(),
+    commands: ALL,
+    default: '30d',
+    description: 'Forget device registrations not renewed for this long.',
+  }),
+} as const;
+
+// ---------------------------------------------------------------------------------------------
+// Derived types
+
+type Options = typeof OPTIONS;
+export type OptionName = keyof Options & string;
+
+/** `listen-tls` → `listenTls`. */
+export type CamelCase<S extends string> = S extends `${infer H}-${infer T}` ? `${H}${Capitalize<CamelCase<T>>}` : S;
+
+type ValueOf<D> = D extends { readonly type: ValueType<infer T> } ? T : never;
+type AlwaysSet<D> = D extends { readonly required: true } ? true : D extends { readonly default: string } ? true : false;
+
+/** Typed value of an option in a loaded configuration. */
+export type OptionValue<N extends OptionName> =
+  AlwaysSet<Options[N]> extends true ? ValueOf<Options[N]> : ValueOf<Options[N]> | undefined;
+
+/** The configuration a command sees: its options, camelCase, typed. */
+export type ConfigFor<C extends Command> = {
+  readonly [N in OptionName as C extends Options[N]['commands'][number] ? CamelCase<N> : never]: OptionValue<N>;
+};
+
+/** The configuration of `serve` (and `config check`). Durations are in milliseconds. */
+export interface Config extends ConfigFor<'serve'> {}
+/** The configuration of the `devices` admin commands. */
+export interface DevicesConfig extends ConfigFor<'devices'> {}
+
+export type { HostPort };
+export type UpstreamTls = OptionValue<'upstream-tls'>;
+export type ClientIpMode = OptionValue<'client-ip'>;
+export type LogLevel = OptionValue<'log-level'>;
+
+// ---------------------------------------------------------------------------------------------
+// Cross-option rules (errors and warnings). Options with no relation to others need none.
+
+/** Report a problem with `option`; `related` options get their origin shown too. */
+export type Report = (option: OptionName, message: string, related?: readonly OptionName[]) => void;
+
+type RuleFor<C extends Command> = {
+  readonly command: C;
+  readonly severity: 'error' | 'warning';
+  readonly check: (config: ConfigFor<C>, report: Report) => void;
+};
+export type Rule = { [C in Command]: RuleFor<C> }[Command];
+
+export const RULES: readonly Rule[] = [
+  {
+    command: 'serve',
+    severity: 'error',
+    check: (c, report) => {
+      if (!c.listen && !c.listenTls) {
+        report('listen', 'at least one of --listen and --listen-tls is required (flags, XAPS_LISTEN/XAPS_LISTEN_TLS or the config file)');
+      }
+    },
+  },
+  {
+    command: 'serve',
+    severity: 'error',
+    check: (c, report) => {
+      if (c.listenTls && !c.tlsCert) report('tls-cert', 'required when --listen-tls is set', ['listen-tls']);
+      if (c.listenTls && !c.tlsKey) report('tls-key', 'required when --listen-tls is set', ['listen-tls']);
+      if (c.tlsCert && !c.tlsKey) report('tls-key', 'required together with --tls-cert', ['tls-cert']);
+      if (c.tlsKey && !c.tlsCert) report('tls-cert', 'required together with --tls-key', ['tls-key']);
+    },
+  },
+  {
+    command: 'serve',
+    severity: 'error',
+    check: (c, report) => {
+      if (c.listen && c.listenTls && c.listen.host === c.listenTls.host && c.listen.port === c.listenTls.port) {
+        report('listen-tls', 'must not be the same address as --listen', ['listen']);
+      }
+    },
+  },
+  {
+    command: 'serve',
+    severity: 'warning',
+    check: (c, report) => {
+      if (c.upstreamInsecure) {
+        report('upstream-insecure', 'upstream certificate verification is DISABLED; use this in a lab only');
+      }
+      if (c.upstreamTls === 'none') {
+        const noEffect = 'has no effect with --upstream-tls none';
+        if (c.upstreamCa) report('upstream-ca', noEffect, ['upstream-tls']);
+        if (c.upstreamServername) report('upstream-servername', noEffect, ['upstream-tls']);
+        if (c.upstreamInsecure) report('upstream-insecure', noEffect, ['upstream-tls']);
+      }
+      if (c.listen && !c.tlsCert) {
+        report(
+          'listen',
+          c.allowPlaintextAuth
+            ? 'no --tls-cert/--tls-key: STARTTLS is not offered and clients send passwords in clear text'
+            : 'no --tls-cert/--tls-key: STARTTLS is not offered, so only loopback clients can log in on --listen',
+        );
+      }
+      if (c.allowPlaintextAuth) {
+        report('allow-plaintext-auth', 'passwords may cross the network in clear text; use this in a lab only');
+      }
+      if (!c.apnsTopic) report('apns-topic', 'not set: push is not configured and XAPPLEPUSHSERVICE is not advertised');
+    },
+  },
+];
+
+// ---------------------------------------------------------------------------------------------
+// Runtime helpers derived from the names
+
+export function camelCase<S extends string>(name: S): CamelCase<S> {
+  return name.replace(/-([a-z0-9])/g, (_, ch: string) => ch.toUpperCase()) as CamelCase<S>;
+}
+
+/** `listen-tls` → `XAPS_LISTEN_TLS`. */
+export function envVarName(name: string): string {
+  return `XAPS_${name.toUpperCase().replace(/-/g, '_')}`;
+}
+
+export function optionNames(command?: Command): OptionName[] {
+  const all = Object.keys(OPTIONS) as OptionName[];
+  return command ? all.filter((n) => (OPTIONS[n].commands as readonly Command[]).includes(command)) : all;
+}
+
+export function getOption(name: string): OptionSpec | undefined {
+  return Object.hasOwn(OPTIONS, name) ? (OPTIONS[name as OptionName] as OptionSpec) : undefined;
+}
+
+/** Issue params marking a missing required option / a cross-option rule (read by the loader). */
+export const REQUIRED_ISSUE = 'xaps.required';
+export const RULE_ISSUE = 'xaps.rule';
+
+/**
+ * The zod schema of a command's configuration: an object keyed by camelCase option name whose
+ * input values are raw (string from flags/env, YAML scalar, undefined when unset) and whose
+ * output is `ConfigFor<C>`, with the error RULES of the command applied.
+ */
+export function configSchema<C extends Command>(command: C): z.ZodType<ConfigFor<C>> {
+  const shape: Record<string, z.ZodType> = {};
+  for (const name of optionNames(command)) {
+    const spec = getOption(name)!;
+    const schema = spec.type.schema;
+    shape[camelCase(name)] = spec.required
+      ? z
+          .unknown()
+          .transform((raw, ctx): unknown => {
+            if (raw === undefined) {
+              ctx.addIssue({ code: 'custom', message: 'required', params: { [REQUIRED_ISSUE]: true } });
+              return z.NEVER;
+            }
+            return raw;
+          })
+          .pipe(schema)
+      : schema.optional();
+  }
+  const rules = RULES.filter((r) => r.command === command && r.severity === 'error');
+  return z.object(shape).superRefine((config, ctx) => {
+    for (const rule of rules) {
+      (rule.check as (c: unknown, r: Report) => void)(config, (option, message, related = []) => {
+        ctx.addIssue({ code: 'custom', path: [camelCase(option)], message, params: { [RULE_ISSUE]: related } });
+      });
+    }
+  }) as unknown as z.ZodType<ConfigFor<C>>;
+}

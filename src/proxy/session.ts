@@ -1,0 +1,751 @@
+/**
+ * One client connection and its upstream leg.
+ *
+ * Bytes are relayed as they come, framed in both directions so that the proxy
+ * knows where commands and responses begin. It steps in at a few places only:
+ * capability lists, STARTTLS (the proxy owns the client's TLS), the login name,
+ * `x-*` keys in client IDs, COMPRESS (not offered), and commands answered
+ * locally (XAPPLEPUSHSERVICE). A locally answered command holds the client's
+ * input until every earlier command has completed, and its reply is written at a
+ * response boundary, so the client sees the responses in a legal order.
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { randomBytes } from 'node:crypto';
+import type { Logger } from '../ops/log.js';
+import { Framer, type LineSegment, type Segment } from '../imap/framer.js';
+import { commandHead, type CommandPart } from '../imap/tokens.js';
+import { classifyResponse, rewriteCapabilityLine, type CapabilityPolicy } from '../imap/response.js';
+import { stripForwardingKeys } from '../imap/id.js';
+import { loginUsername } from '../imap/login.js';
+import { saslUsername } from '../imap/sasl.js';
+import { openUpstream, UpstreamUnavailableError, type UpstreamSettings } from './upstream.js';
+
+/** A command the proxy answers itself, with everything it needs to decide. */
+export interface LocalCommand {
+  tag: string;
+  parts: CommandPart[];
+  user: string | null;
+  authenticated: boolean;
+  utf8: boolean;
+  sessionId: string;
+}
+
+/** Answers XAPPLEPUSHSERVICE; `advertised` says whether the capability is shown. */
+export interface PushCommandHandler {
+  readonly advertised: boolean;
+  handle(cmd: LocalCommand): Promise<Buffer>;
+}
+
+export interface SessionSettings {
+  upstream: UpstreamSettings;
+  idleTimeoutMs: number;
+  /** Longest command line and literal accepted before authentication. */
+  preauthMaxLine: number;
+  /** Largest command the proxy parses itself (XAPPLEPUSHSERVICE and the like). */
+  localCommandMax: number;
+  /** TLS for STARTTLS on a plaintext listener; null: STARTTLS is not offered. */
+  starttls: () => tls.SecureContext | null;
+  allowPlaintextAuth: boolean;
+}
+
+export interface SessionEvents {
+  authenticated?(session: Session, user: string | null): void;
+  closed?(session: Session): void;
+}
+
+type MessageMode = 'forward' | 'capture' | 'collect' | 'discard' | 'exchange';
+type LocalKind = 'xapple' | 'starttls' | 'compress' | 'privacy' | 'id' | 'too-long';
+
+interface ClientMessage {
+  tag: string | null;
+  name: string | null;
+  mode: MessageMode;
+  local: LocalKind | null;
+  parts: CommandPart[];
+  size: number;
+}
+
+interface Pending {
+  tag: string;
+  kind: 'login' | 'authenticate' | 'idle' | 'other';
+  parts?: CommandPart[];
+  mechanism?: string;
+  username?: string | null;
+  /** Continuation requests the client has yet to answer (SASL). */
+  credits?: number;
+}
+
+interface Injection {
+  bytes: Buffer;
+  after?: () => void;
+}
+
+const MAX_CAPTURE = 64 * 1024;
+const CLOSE_GRACE_MS = 5_000;
+
+function isLoopback(ip: string): boolean {
+  return ip === '::1' || ip.startsWith('127.') || ip.startsWith('::ffff:127.');
+}
+
+function newSessionId(): string {
+  return randomBytes(9).toString('base64url');
+}
+
+export class Session {
+  readonly id = newSessionId();
+  readonly clientIp: string;
+  readonly clientPort: number;
+  readonly localIp: string;
+  readonly localPort: number;
+  user: string | null = null;
+  authenticated = false;
+  clientTls: boolean;
+  private log: Logger;
+
+  private client: net.Socket;
+  private upstream: net.Socket | null = null;
+  private cf = new Framer({ side: 'client' });
+  private sf = new Framer({ side: 'server' });
+  private message: ClientMessage | null = null;
+  private outstanding: Pending[] = [];
+  private exchange: Pending | null = null;
+  private injections: Injection[] = [];
+  private local: { tag: string; reply: Buffer | null; after?: () => void } | null = null;
+  private blocked = true; // until the upstream leg is ready
+  private upstreamNeedsDrain = false;
+  private clientNeedsDrain = false;
+  private utf8 = false;
+  private closed = false;
+  private byeSent = false;
+  private upstreamLoginDisabledWarned = false;
+  private clientHandshaking = false;
+
+  constructor(
+    client: net.Socket,
+    private readonly settings: SessionSettings,
+    private readonly push: PushCommandHandler | null,
+    log: Logger,
+    private readonly events: SessionEvents = {},
+  ) {
+    this.client = client;
+    this.clientIp = client.remoteAddress ?? '';
+    this.clientPort = client.remotePort ?? 0;
+    this.localIp = client.localAddress ?? '';
+    this.localPort = client.localPort ?? 0;
+    this.clientTls = client instanceof tls.TLSSocket;
+    this.log = log.child({ sid: this.id, client: `${this.clientIp}:${this.clientPort}` });
+    this.cf.setMaxLine(settings.preauthMaxLine);
+  }
+
+  async start(): Promise<void> {
+    this.attachClient(this.client);
+    this.client.pause();
+    this.client.setKeepAlive(true, 60_000);
+    this.client.setNoDelay(true);
+    this.client.setTimeout(this.settings.idleTimeoutMs);
+    this.log.debug({ tls: this.clientTls }, 'client connected');
+    try {
+      const up = await openUpstream(this.settings.upstream, this.endpoint());
+      if (this.closed) {
+        up.socket.destroy();
+        return;
+      }
+      this.attachUpstream(up.socket);
+      if (up.greetingStatus === 'PREAUTH') this.authenticated = true;
+      this.writeClient(rewriteCapabilityLine(up.greeting, this.capabilityPolicy()));
+      if (up.greetingStatus === 'BYE') {
+        this.byeSent = true;
+        this.closeSoon();
+        return;
+      }
+      this.blocked = false;
+      this.flow();
+      if (up.leftover.length > 0) this.onUpstreamData(up.leftover);
+      this.pumpClient();
+    } catch (err) {
+      const reason = err instanceof UpstreamUnavailableError ? err.message : String(err);
+      this.log.warn({ reason }, 'upstream unavailable');
+      if (!this.closed) {
+        this.writeClient(Buffer.from('* BYE [UNAVAILABLE] Mail server is unavailable, try again later\r\n'));
+        this.byeSent = true;
+        this.closeSoon();
+      }
+    }
+  }
+
+  private endpoint() {
+    const tlsVersion = this.client instanceof tls.TLSSocket ? this.client.getProtocol() : null;
+    return {
+      clientIp: this.clientIp.replace(/^::ffff:/, ''),
+      clientPort: this.clientPort,
+      localIp: this.localIp.replace(/^::ffff:/, ''),
+      localPort: this.localPort,
+      sessionId: this.id,
+      tlsVersion,
+    };
+  }
+
+  // ---------------------------------------------------------------- sockets
+
+  private readonly onClientData = (chunk: Buffer) => {
+    this.cf.push(chunk);
+    this.pumpClient();
+  };
+  private readonly onClientEnd = () => this.shutdown('client closed');
+  private readonly onClientError = (err: Error) => this.shutdown(`client error: ${err.message}`);
+  private readonly onClientTimeout = () => {
+    this.sayBye('Disconnected for inactivity.');
+    this.shutdown('idle timeout');
+  };
+  private readonly onClientDrain = () => {
+    this.clientNeedsDrain = false;
+    this.flow();
+  };
+  private readonly onUpstreamDataBound = (chunk: Buffer) => this.onUpstreamData(chunk);
+  private readonly onUpstreamEnd = () => {
+    const rest = this.sf.drain(); // an unterminated last line still belongs to the client
+    if (rest.length > 0) this.writeClient(rest);
+    this.shutdown('upstream closed');
+  };
+  private readonly onUpstreamError = (err: Error) => {
+    this.sayBye('[UNAVAILABLE] Connection to the mail server was lost');
+    this.shutdown(`upstream error: ${err.message}`);
+  };
+  private readonly onUpstreamDrain = () => {
+    this.upstreamNeedsDrain = false;
+    this.flow();
+    this.pumpClient();
+  };
+
+  private attachClient(socket: net.Socket): void {
+    socket.on('data', this.onClientData);
+    socket.on('end', this.onClientEnd);
+    socket.on('close', this.onClientEnd);
+    socket.on('error', this.onClientError);
+    socket.on('timeout', this.onClientTimeout);
+    socket.on('drain', this.onClientDrain);
+  }
+
+  private detachClient(socket: net.Socket): void {
+    socket.off('data', this.onClientData);
+    socket.off('end', this.onClientEnd);
+    socket.off('close', this.onClientEnd);
+    socket.off('error', this.onClientError);
+    socket.off('timeout', this.onClientTimeout);
+    socket.off('drain', this.onClientDrain);
+  }
+
+  private attachUpstream(socket: net.Socket): void {
+    this.upstream = socket;
+    socket.setKeepAlive(true, 60_000);
+    socket.setNoDelay(true);
+    socket.on('data', this.onUpstreamDataBound);
+    socket.on('end', this.onUpstreamEnd);
+    socket.on('close', this.onUpstreamEnd);
+    socket.on('error', this.onUpstreamError);
+    socket.on('drain', this.onUpstreamDrain);
+  }
+
+  private detachUpstream(socket: net.Socket): void {
+    socket.off('data', this.onUpstreamDataBound);
+    socket.off('end', this.onUpstreamEnd);
+    socket.off('close', this.onUpstreamEnd);
+    socket.off('error', this.onUpstreamError);
+    socket.off('drain', this.onUpstreamDrain);
+  }
+
+  /** Reading follows writing: a side that cannot take more stops the other. */
+  private flow(): void {
+    if (this.closed || this.clientHandshaking) return;
+    const clientReads = !this.blocked && !this.upstreamNeedsDrain && this.upstream !== null;
+    if (clientReads) this.client.resume();
+    else this.client.pause();
+    if (this.upstream) {
+      if (this.clientNeedsDrain) this.upstream.pause();
+      else this.upstream.resume();
+    }
+  }
+
+  private writeUpstream(data: Buffer): void {
+    if (!this.upstream || this.closed) return;
+    if (!this.upstream.write(data)) this.upstreamNeedsDrain = true;
+  }
+
+  private writeClient(data: Buffer): void {
+    if (this.closed) return;
+    if (!this.client.write(data)) this.clientNeedsDrain = true;
+  }
+
+  // ------------------------------------------------------ client -> upstream
+
+  private pumpClient(): void {
+    if (this.closed || this.blocked || !this.upstream) return;
+    this.upstream.cork();
+    try {
+      for (let seg = this.cf.next(); seg; seg = this.cf.next()) {
+        this.onClientSegment(seg);
+        if (this.blocked || this.closed) break;
+      }
+    } finally {
+      this.upstream?.uncork();
+    }
+    this.flow();
+  }
+
+  private onClientSegment(seg: Segment): void {
+    if (seg.type === 'line' && seg.startsMessage) this.message = this.beginMessage(seg);
+    const msg = this.message;
+    if (!msg) return;
+
+    if (seg.type === 'line' && !seg.complete && !this.authenticated && msg.mode !== 'discard') {
+      // over-long line before login: Dovecot would refuse it too
+      this.sayBye('Command line too long.');
+      this.shutdown('pre-auth line too long');
+      return;
+    }
+
+    switch (msg.mode) {
+      case 'forward':
+      case 'exchange':
+        this.writeUpstream(seg.data);
+        if (msg.mode === 'exchange' && seg.type === 'line' && seg.complete) this.captureSaslResponse(seg);
+        break;
+      case 'capture':
+        this.writeUpstream(this.rewriteClientLine(msg, seg));
+        this.collect(msg, seg);
+        break;
+      case 'collect':
+        this.collect(msg, seg);
+        if (msg.size > this.settings.localCommandMax) {
+          msg.mode = 'discard';
+          msg.local = 'too-long';
+          msg.parts = [];
+        }
+        break;
+      case 'discard':
+        break;
+    }
+
+    if (seg.type === 'line' && seg.complete && seg.literal) this.onLiteralAnnounced(msg, seg);
+    if (this.messageEnded(seg)) this.endMessage(msg);
+  }
+
+  /** A client ID without `x-*` keys: only the proxy may tell Dovecot the client's address. */
+  private rewriteClientLine(msg: ClientMessage, seg: Segment): Buffer {
+    if (msg.name !== 'ID' || seg.type !== 'line' || !seg.startsMessage || !seg.complete || seg.literal) return seg.data;
+    return stripForwardingKeys(msg.tag ?? '', [{ kind: 'text', data: seg.data }]) ?? seg.data;
+  }
+
+  private messageEnded(seg: Segment): boolean {
+    return seg.type === 'line' && seg.complete && seg.literal === null;
+  }
+
+  private beginMessage(seg: LineSegment): ClientMessage {
+    const base = { parts: [], size: 0, local: null };
+    const ex = this.exchange;
+    if (ex && this.isExchangeLine(ex, seg)) return { ...base, tag: ex.tag, name: null, mode: 'exchange' };
+    const head = commandHead(seg.data);
+    if (!head) return { ...base, tag: null, name: null, mode: 'forward' };
+    const { tag, name } = head;
+    const local = this.localKind(name);
+    if (local) return { ...base, tag, name, mode: 'collect', local };
+    if (name === 'LOGIN' || name === 'AUTHENTICATE' || name === 'ID' || name === 'ENABLE') {
+      return { ...base, tag, name, mode: 'capture' };
+    }
+    return { ...base, tag, name, mode: 'forward' };
+  }
+
+  /**
+   * Inside IDLE and AUTHENTICATE the client's lines are DONE and SASL responses,
+   * not commands: one per continuation request from the server.
+   */
+  private isExchangeLine(ex: Pending, seg: LineSegment): boolean {
+    if (ex.kind === 'idle') {
+      if (!/^DONE\r?\n$/i.test(seg.data.toString('latin1', 0, 8))) return false;
+      this.exchange = null; // the client has left IDLE; the tagged OK follows
+      return true;
+    }
+    if ((ex.credits ?? 0) <= 0) return false;
+    ex.credits = (ex.credits ?? 0) - 1;
+    return true;
+  }
+
+  private localKind(name: string): LocalKind | null {
+    switch (name) {
+      case 'XAPPLEPUSHSERVICE':
+        return 'xapple';
+      case 'STARTTLS':
+        return 'starttls';
+      case 'COMPRESS':
+        return 'compress';
+      case 'LOGIN':
+      case 'AUTHENTICATE':
+        return !this.authenticated && this.loginDisabled() ? 'privacy' : null;
+      default:
+        return null;
+    }
+  }
+
+  private collect(msg: ClientMessage, seg: Segment): void {
+    if (msg.size > MAX_CAPTURE && msg.mode === 'capture') return;
+    msg.size += seg.data.length;
+    msg.parts.push({ kind: seg.type === 'literal' ? 'literal' : 'text', data: Buffer.from(seg.data) });
+  }
+
+  private onLiteralAnnounced(msg: ClientMessage, seg: LineSegment): void {
+    const literal = seg.literal!;
+    if (msg.mode === 'forward' || msg.mode === 'capture') {
+      if (!this.authenticated && literal.size > this.settings.preauthMaxLine) {
+        this.sayBye('Literal too large.');
+        this.shutdown('pre-auth literal too large');
+      }
+      return; // the server grants or refuses a synchronizing literal itself
+    }
+    if (msg.mode === 'exchange') return;
+    if (msg.mode === 'collect' && msg.size + literal.size > this.settings.localCommandMax) {
+      msg.mode = 'discard';
+      msg.local = 'too-long';
+      msg.parts = [];
+    }
+    if (!literal.sync) return;
+    if (msg.mode === 'discard') {
+      // refused: the client sends no literal and reads our tagged BAD instead
+      this.cf.refuseContinuation();
+      this.endMessage(msg);
+      return;
+    }
+    this.inject(Buffer.from('+ Ready for literal data\r\n'), () => {
+      this.cf.grantContinuation();
+      this.resumeClientSoon();
+    });
+  }
+
+  private resumeClientSoon(): void {
+    queueMicrotask(() => this.pumpClient());
+  }
+
+  private endMessage(msg: ClientMessage): void {
+    this.message = null;
+    if (msg.mode === 'exchange') return;
+    if (msg.mode === 'collect' || msg.mode === 'discard') {
+      this.answerLocally(msg);
+      return;
+    }
+    if (!msg.tag || !msg.name) return;
+    const pending: Pending = { tag: msg.tag, kind: 'other' };
+    if (msg.name === 'LOGIN' && !this.authenticated) {
+      pending.kind = 'login';
+      pending.username = loginUsername(msg.parts);
+    } else if (msg.name === 'AUTHENTICATE' && !this.authenticated) {
+      this.beginSasl(pending, msg.parts);
+    } else if (msg.name === 'IDLE') {
+      pending.kind = 'idle';
+      this.exchange = pending; // until the tagged reply, client lines are DONE, not commands
+    }
+    this.outstanding.push(pending);
+  }
+
+  private beginSasl(pending: Pending, parts: CommandPart[]): void {
+    pending.kind = 'authenticate';
+    const words = parts[0]?.data.toString('latin1').trim().split(' ') ?? [];
+    pending.mechanism = (words[2] ?? '').toUpperCase();
+    const initial = words[3];
+    if (initial !== undefined) pending.username = saslUsername(pending.mechanism, initial);
+    else pending.username = undefined; // the first client response carries it
+    this.exchange = pending;
+  }
+
+  private captureSaslResponse(seg: LineSegment): void {
+    const ex = this.exchange;
+    if (!ex || ex.kind !== 'authenticate' || ex.username !== undefined) return;
+    ex.username = saslUsername(ex.mechanism ?? '', seg.data.toString('latin1'));
+  }
+
+  // -------------------------------------------------- locally answered commands
+
+  private answerLocally(msg: ClientMessage): void {
+    const tag = msg.tag ?? '*';
+    this.blocked = true;
+    this.flow();
+    this.local = { tag, reply: null };
+    const finish = (reply: Buffer, after?: () => void) => {
+      if (!this.local || this.closed) return;
+      this.local.reply = reply;
+      this.local.after = after;
+      this.releaseLocal();
+    };
+    switch (msg.local) {
+      case 'too-long':
+        return finish(Buffer.from(`${tag} BAD Command too long\r\n`));
+      case 'compress':
+        return finish(Buffer.from(`${tag} NO [CANNOT] Compression is not available\r\n`));
+      case 'privacy':
+        return finish(
+          Buffer.from(`${tag} NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n`),
+        );
+      case 'starttls':
+        return this.answerStarttls(tag, finish);
+      case 'xapple':
+        return this.answerPush(msg, finish);
+      default:
+        return finish(Buffer.from(`${tag} BAD Unexpected command\r\n`));
+    }
+  }
+
+  private answerPush(msg: ClientMessage, finish: (reply: Buffer) => void): void {
+    const tag = msg.tag ?? '*';
+    if (!this.push) {
+      finish(Buffer.from(`${tag} NO XAPPLEPUSHSERVICE: push is not configured on this server\r\n`));
+      return;
+    }
+    const cmd: LocalCommand = {
+      tag,
+      parts: msg.parts,
+      user: this.user,
+      authenticated: this.authenticated,
+      utf8: this.utf8,
+      sessionId: this.id,
+    };
+    this.push.handle(cmd).then(finish, (err: unknown) => {
+      this.log.error({ err: String(err) }, 'push registration failed');
+      finish(Buffer.from(`${tag} NO [UNAVAILABLE] XAPPLEPUSHSERVICE failed, try again later\r\n`));
+    });
+  }
+
+  private answerStarttls(tag: string, finish: (reply: Buffer, after?: () => void) => void): void {
+    const context = this.settings.starttls();
+    if (this.clientTls) return finish(Buffer.from(`${tag} BAD TLS is already active.\r\n`));
+    if (this.authenticated) return finish(Buffer.from(`${tag} BAD STARTTLS is not allowed after login.\r\n`));
+    if (!context) return finish(Buffer.from(`${tag} BAD STARTTLS is not available.\r\n`));
+    finish(Buffer.from(`${tag} OK Begin TLS negotiation now.\r\n`), () => this.upgradeClient(context));
+  }
+
+  /** Writes a locally answered reply once every earlier command has completed. */
+  private releaseLocal(): void {
+    const local = this.local;
+    if (!local || local.reply === null || this.outstanding.length > 0) return;
+    this.local = null;
+    this.inject(local.reply, () => {
+      if (local.after) {
+        local.after();
+        return;
+      }
+      this.blocked = false;
+      this.flow();
+      this.resumeClientSoon();
+    });
+  }
+
+  private inject(bytes: Buffer, after?: () => void): void {
+    this.injections.push({ bytes, after });
+    this.flushInjections();
+  }
+
+  private flushInjections(): void {
+    while (this.injections.length > 0 && this.sf.atBoundary && !this.closed) {
+      const next = this.injections.shift()!;
+      this.writeClient(next.bytes);
+      next.after?.();
+    }
+  }
+
+  private upgradeClient(context: tls.SecureContext): void {
+    const raw = this.client;
+    this.cf.drain(); // bytes pipelined after STARTTLS must not survive the handshake
+    this.detachClient(raw);
+    raw.pause();
+    while (raw.read() !== null) {
+      /* discard what was buffered in the stream as well */
+    }
+    this.clientHandshaking = true;
+    const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: context });
+    this.client = secure;
+    this.cf = new Framer({ side: 'client', maxLine: this.settings.preauthMaxLine });
+    secure.once('secure', () => {
+      this.clientHandshaking = false;
+      this.clientTls = true;
+      this.attachClient(secure);
+      secure.setTimeout(this.settings.idleTimeoutMs);
+      this.log.debug({ protocol: secure.getProtocol() }, 'client STARTTLS complete');
+      if (this.settings.upstream.clientIp === 'proxy-v2') {
+        void this.reconnectUpstream();
+        return;
+      }
+      this.blocked = false;
+      this.flow();
+      this.pumpClient();
+    });
+    secure.once('error', (err) => this.shutdown(`client TLS handshake failed: ${err.message}`));
+  }
+
+  /** PROXY v2 carries the TLS state, so the upstream leg is reopened after STARTTLS. */
+  private async reconnectUpstream(): Promise<void> {
+    const old = this.upstream;
+    if (old) {
+      this.detachUpstream(old);
+      old.destroy();
+    }
+    this.upstream = null;
+    try {
+      const up = await openUpstream(this.settings.upstream, this.endpoint());
+      if (this.closed) {
+        up.socket.destroy();
+        return;
+      }
+      this.sf = new Framer({ side: 'server' });
+      this.attachUpstream(up.socket);
+      if (up.leftover.length > 0) this.onUpstreamData(up.leftover);
+      this.blocked = false;
+      this.flow();
+      this.pumpClient();
+    } catch (err) {
+      this.sayBye('[UNAVAILABLE] Mail server is unavailable, try again later');
+      this.shutdown(`upstream reconnect failed: ${String(err)}`);
+    }
+  }
+
+  // ------------------------------------------------------ upstream -> client
+
+  private onUpstreamData(chunk: Buffer): void {
+    if (this.closed) return;
+    this.sf.push(chunk);
+    this.client.cork();
+    try {
+      for (let seg = this.sf.next(); seg; seg = this.sf.next()) {
+        this.onServerSegment(seg);
+        if (this.closed) return;
+      }
+    } finally {
+      if (!this.closed) this.client.uncork();
+    }
+    this.flow();
+  }
+
+  private onServerSegment(seg: Segment): void {
+    let data = seg.data;
+    let grant = false;
+    if (seg.type === 'line' && seg.startsMessage && seg.complete) {
+      const head = classifyResponse(seg.data);
+      switch (head.kind) {
+        case 'continuation':
+          grant = this.cf.awaitingContinuation && this.message !== null && this.message.mode !== 'collect';
+          if (!grant && this.exchange?.kind === 'authenticate') this.exchange.credits = (this.exchange.credits ?? 0) + 1;
+          break;
+        case 'tagged':
+          this.onTagged(head.tag, head.status);
+          data = rewriteCapabilityLine(data, this.capabilityPolicy());
+          break;
+        case 'status':
+          if (head.status === 'BYE') this.byeSent = true;
+          data = rewriteCapabilityLine(data, this.capabilityPolicy());
+          break;
+        case 'data':
+          if (head.name === 'CAPABILITY') {
+            this.noticeUpstreamCapabilities(data);
+            data = rewriteCapabilityLine(data, this.capabilityPolicy());
+          } else if (head.name === 'ENABLED' && /\bUTF8=ACCEPT\b/i.test(data.toString('latin1'))) {
+            this.utf8 = true;
+          }
+          break;
+        default:
+          break;
+      }
+    }
+    this.writeClient(data);
+    if (grant) {
+      this.cf.grantContinuation();
+      this.resumeClientSoon();
+    }
+    if (this.sf.atBoundary) {
+      this.flushInjections();
+      this.releaseLocal();
+    }
+  }
+
+  private onTagged(tag: string, status: 'OK' | 'NO' | 'BAD'): void {
+    if (this.cf.awaitingContinuation && this.message?.tag === tag) {
+      // the server refused the command: its literal never comes
+      this.cf.refuseContinuation();
+      this.message = null;
+      this.resumeClientSoon();
+    }
+    const i = this.outstanding.findIndex((p) => p.tag === tag);
+    if (i < 0) return;
+    const [pending] = this.outstanding.splice(i, 1);
+    if (this.exchange === pending) this.exchange = null;
+    if (status === 'OK' && (pending.kind === 'login' || pending.kind === 'authenticate')) {
+      this.onLogin(pending.username ?? null);
+    }
+  }
+
+  private onLogin(username: string | null): void {
+    this.authenticated = true;
+    this.user = username;
+    this.cf.setMaxLine(64 * 1024);
+    this.log.info({ user: username }, 'login');
+    this.events.authenticated?.(this, username);
+  }
+
+  private noticeUpstreamCapabilities(line: Buffer): void {
+    if (this.upstreamLoginDisabledWarned || this.authenticated) return;
+    if (/ LOGINDISABLED\b/i.test(line.toString('latin1'))) {
+      this.upstreamLoginDisabledWarned = true;
+      this.log.warn('upstream announces LOGINDISABLED to the proxy: add the proxy to login_trusted_networks or use --upstream-tls');
+    }
+  }
+
+  // ------------------------------------------------------------- policies
+
+  private loginDisabled(): boolean {
+    return !this.clientTls && !this.settings.allowPlaintextAuth && !isLoopback(this.clientIp);
+  }
+
+  capabilityPolicy(): CapabilityPolicy {
+    // Dovecot sends the post-login list untagged just before the tagged OK of LOGIN
+    const loggingIn = this.outstanding[0]?.kind === 'login' || this.outstanding[0]?.kind === 'authenticate';
+    const preauth = !this.authenticated && !loggingIn;
+    return {
+      push: this.push?.advertised ?? false,
+      starttls: preauth && !this.clientTls && this.settings.starttls() !== null,
+      loginDisabled: preauth && this.loginDisabled(),
+    };
+  }
+
+  // -------------------------------------------------------------- closing
+
+  /** `* BYE` to the client, only where a response may start. */
+  private sayBye(text: string): void {
+    if (this.byeSent || this.closed || !this.sf.atBoundary) return;
+    this.byeSent = true;
+    this.writeClient(Buffer.from(`* BYE ${text}\r\n`));
+  }
+
+  /** Asks the session to end (server shutdown): BYE at a boundary, then close. */
+  close(reason: string, bye?: string): void {
+    if (bye) this.sayBye(bye);
+    this.shutdown(reason);
+  }
+
+  private closeSoon(): void {
+    this.shutdown('greeting was BYE or upstream unavailable');
+  }
+
+  private shutdown(reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.log.debug({ reason, user: this.user }, 'session closed');
+    const up = this.upstream;
+    for (const socket of [this.client, up]) {
+      if (!socket) continue;
+      socket.end();
+      socket.resume(); // let pending reads drain so 'close' comes
+      setTimeout(() => socket.destroy(), CLOSE_GRACE_MS).unref();
+    }
+    this.events.closed?.(this);
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+}

@@ -1,0 +1,244 @@
+/**
+ * Opening the upstream leg of a session: TCP (with a PROXY v2 header first when
+ * configured), TLS or STARTTLS, the greeting, and the proxy's own first `ID`
+ * carrying the client's address. Everything the proxy sends here uses its own
+ * tags and its replies are swallowed; the client never sees them.
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { Framer } from '../imap/framer.js';
+import { classifyResponse } from '../imap/response.js';
+import { PROXY_ID_TAG, proxyIdCommand, type ForwardedAddress } from '../imap/id.js';
+import { proxyV2Header } from './proxy-protocol.js';
+
+export type UpstreamTls = 'none' | 'starttls' | 'tls';
+export type ClientIpMode = 'id' | 'proxy-v2' | 'none';
+
+export interface UpstreamSettings {
+  host: string;
+  port: number;
+  tls: UpstreamTls;
+  ca?: Buffer;
+  servername?: string;
+  insecure?: boolean;
+  connectTimeoutMs: number;
+  clientIp: ClientIpMode;
+}
+
+export interface ClientEndpoint extends ForwardedAddress {
+  /** TLS version of the client leg, or null when it is plaintext. */
+  tlsVersion: string | null;
+}
+
+export interface UpstreamConnection {
+  socket: net.Socket;
+  /** The greeting line to relay (its capability list refreshed after STARTTLS). */
+  greeting: Buffer;
+  greetingStatus: 'OK' | 'PREAUTH' | 'BYE';
+  /** Bytes already received after the setup exchange; they belong to the relay. */
+  leftover: Buffer;
+}
+
+export class UpstreamUnavailableError extends Error {}
+
+const MAX_SETUP_RESPONSE = 256 * 1024;
+
+/** Reads whole responses (lines and literals joined) from a socket during setup. */
+class SetupReader {
+  private framer = new Framer({ side: 'server', maxLine: MAX_SETUP_RESPONSE });
+  private current: Buffer[] = [];
+  private ready: Buffer[] = [];
+  private waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  private failure: Error | null = null;
+  private readonly onData = (chunk: Buffer) => this.feed(chunk);
+  private readonly onEnd = () => this.fail(new UpstreamUnavailableError('upstream closed the connection during setup'));
+  private readonly onError = (err: Error) => this.fail(new UpstreamUnavailableError(err.message));
+
+  constructor(private readonly socket: net.Socket) {
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('error', this.onError);
+  }
+
+  private feed(chunk: Buffer): void {
+    this.framer.push(chunk);
+    for (let seg = this.framer.next(); seg; seg = this.framer.next()) {
+      this.current.push(seg.data);
+      if (seg.type === 'line' && !seg.complete) {
+        return this.fail(new UpstreamUnavailableError('upstream sent an over-long line during setup'));
+      }
+      if (seg.type === 'line' && seg.literal === null) {
+        this.ready.push(Buffer.concat(this.current));
+        this.current = [];
+      }
+    }
+    this.deliver();
+  }
+
+  private fail(err: Error): void {
+    if (!this.failure) this.failure = err;
+    this.deliver();
+  }
+
+  private deliver(): void {
+    if (!this.waiter) return;
+    const w = this.waiter;
+    if (this.ready.length > 0) {
+      this.waiter = null;
+      w.resolve(this.ready.shift()!);
+    } else if (this.failure) {
+      this.waiter = null;
+      w.reject(this.failure);
+    }
+  }
+
+  response(): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      this.waiter = { resolve, reject };
+      this.deliver();
+    });
+  }
+
+  /** Reads responses until the tagged one with `tag`, returning that one. */
+  async until(tag: string): Promise<{ tagged: Buffer; untagged: Buffer[] }> {
+    const untagged: Buffer[] = [];
+    for (;;) {
+      const r = await this.response();
+      const head = classifyResponse(r);
+      if (head.kind === 'tagged' && head.tag === tag) return { tagged: r, untagged };
+      if (head.kind === 'status' && head.status === 'BYE') {
+        throw new UpstreamUnavailableError(`upstream said ${r.toString('latin1').trim()}`);
+      }
+      untagged.push(r);
+    }
+  }
+
+  /** Stops reading; returns what was received beyond the consumed responses. */
+  detach(): Buffer {
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onEnd);
+    this.socket.off('error', this.onError);
+    return Buffer.concat([...this.ready, ...this.current, this.framer.drain()]);
+  }
+}
+
+function connectTcp(s: UpstreamSettings): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: s.host, port: s.port });
+    socket.setNoDelay(true);
+    const onError = (err: Error) => {
+      socket.destroy();
+      reject(new UpstreamUnavailableError(`cannot connect to ${s.host}:${s.port}: ${err.message}`));
+    };
+    socket.once('error', onError);
+    socket.once('connect', () => {
+      socket.off('error', onError);
+      resolve(socket);
+    });
+  });
+}
+
+function wrapTls(socket: net.Socket, s: UpstreamSettings): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const servername = s.servername ?? (net.isIP(s.host) ? undefined : s.host);
+    const secure = tls.connect({
+      socket,
+      servername,
+      ca: s.ca,
+      rejectUnauthorized: !s.insecure,
+      checkServerIdentity: (host, cert) => tls.checkServerIdentity(s.servername ?? s.host, cert),
+    });
+    const onError = (err: Error) => {
+      secure.destroy();
+      reject(new UpstreamUnavailableError(`TLS to upstream failed: ${err.message}`));
+    };
+    secure.once('error', onError);
+    secure.once('secureConnect', () => {
+      secure.off('error', onError);
+      resolve(secure);
+    });
+  });
+}
+
+function isTagged(r: Buffer, status: string): boolean {
+  const head = classifyResponse(r);
+  return head.kind === 'tagged' && head.status === status;
+}
+
+async function establish(s: UpstreamSettings, client: ClientEndpoint): Promise<UpstreamConnection> {
+  let socket = await connectTcp(s);
+  try {
+    if (s.clientIp === 'proxy-v2') {
+      socket.write(
+        proxyV2Header({
+          sourceIp: client.clientIp,
+          sourcePort: client.clientPort,
+          destIp: client.localIp,
+          destPort: client.localPort,
+          tlsVersion: client.tlsVersion,
+        }),
+      );
+    }
+    if (s.tls === 'tls') socket = await wrapTls(socket, s);
+    let reader = new SetupReader(socket);
+    let greeting = await reader.response();
+    const head = classifyResponse(greeting);
+    if (head.kind !== 'status' || !['OK', 'PREAUTH', 'BYE'].includes(head.status)) {
+      throw new UpstreamUnavailableError(`unexpected upstream greeting: ${greeting.toString('latin1', 0, 80).trim()}`);
+    }
+    const greetingStatus = head.status as UpstreamConnection['greetingStatus'];
+    if (greetingStatus === 'BYE') return { socket, greeting, greetingStatus, leftover: reader.detach() };
+
+    if (s.tls === 'starttls') {
+      socket.write('S STARTTLS\r\n');
+      const { tagged } = await reader.until('S');
+      if (!isTagged(tagged, 'OK')) {
+        throw new UpstreamUnavailableError(`upstream refused STARTTLS: ${tagged.toString('latin1').trim()}`);
+      }
+      reader.detach(); // anything sent before the handshake is discarded
+      socket = await wrapTls(socket, s);
+      reader = new SetupReader(socket);
+      // capabilities from before TLS are void (RFC 3501 §6.2.1): ask again
+      socket.write('C CAPABILITY\r\n');
+      const caps = await reader.until('C');
+      const list = caps.untagged.find((r) => /^\* CAPABILITY /i.test(r.toString('latin1', 0, 13)));
+      if (list) greeting = withCapabilityCode(greeting, list);
+    }
+    if (s.clientIp === 'id' && greetingStatus === 'OK') {
+      socket.write(proxyIdCommand(client));
+      await reader.until(PROXY_ID_TAG); // a NO here only means the server ignores ID
+    }
+    return { socket, greeting, greetingStatus, leftover: reader.detach() };
+  } catch (err) {
+    socket.destroy();
+    throw err;
+  }
+}
+
+/** `* OK [CAPABILITY <list>] text` from a greeting and a `* CAPABILITY <list>` line. */
+function withCapabilityCode(greeting: Buffer, capabilityLine: Buffer): Buffer {
+  const list = capabilityLine.toString('latin1').replace(/^\* CAPABILITY /i, '').replace(/\r?\n$/, '');
+  const text = greeting.toString('latin1').replace(/\r?\n$/, '');
+  const m = /^\* (OK|PREAUTH) (?:\[[^\]]*\] ?)?(.*)$/i.exec(text);
+  if (!m) return greeting;
+  return Buffer.from(`* ${m[1]} [CAPABILITY ${list}] ${m[2]}\r\n`, 'latin1');
+}
+
+export async function openUpstream(s: UpstreamSettings, client: ClientEndpoint): Promise<UpstreamConnection> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new UpstreamUnavailableError(`upstream ${s.host}:${s.port} did not answer within ${s.connectTimeoutMs} ms`)),
+      s.connectTimeoutMs,
+    );
+  });
+  const attempt = establish(s, client);
+  try {
+    return await Promise.race([attempt, timeout]);
+  } catch (err) {
+    attempt.then((c) => c.socket.destroy(), () => undefined);
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+}
