@@ -238,7 +238,10 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
         dir, opts, log, lock, state, gen, journal, journalSize, snapshotSize: snap?.length ?? 0,
       });
       log.info({ dir, registrations: store.size(), journalBytes: journalSize }, 'embedded registration store opened');
-      if (store.compactDue()) await store.compact();
+      if (store.compactDue()) {
+        // An optimisation only: on failure the store still works from the journal it has.
+        await store.compact().catch((err: unknown) => log.warn({ err: String(err) }, 'compaction at open failed'));
+      }
       return store;
     } catch (err) {
       await lock.release();
@@ -314,12 +317,12 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
       while (this.queue.length > 0 || this.compactWaiters.length > 0) {
         if (this.queue.length > 0) await this.commit(this.queue.splice(0, this.maxBatch));
         const waiters = this.compactWaiters.splice(0);
-        if (waiters.length > 0 || (this.failure === null && this.compactDue() && this.clock() >= this.nextAutoCompactAt)) {
+        if (waiters.length > 0 || (this.failure === null && this.compactDue() && Date.now() >= this.nextAutoCompactAt)) {
           try {
             await this.compactNow();
             for (const w of waiters) w.resolve();
           } catch (err) {
-            this.nextAutoCompactAt = this.clock() + 60_000;
+            this.nextAutoCompactAt = Date.now() + 60_000;
             this.log.error({ err: String(err) }, 'store compaction failed');
             for (const w of waiters) w.reject(err);
           }

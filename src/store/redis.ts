@@ -482,6 +482,8 @@ function buildClient(t: RedisTarget, opts: RedisStoreOptions): Client {
     maxRetriesPerRequest: 0,
     autoResendUnfulfilledCommands: false,
     enableReadyCheck: true,
+    // A master demoted by a Sentinel failover answers READONLY: reconnect (to the new master); the command fails.
+    reconnectOnError: (err) => /^READONLY/.test(err.message),
     connectionName: 'xaps-proxy',
     disableClientInfo: true,
   };

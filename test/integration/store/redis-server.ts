@@ -40,6 +40,8 @@ export interface RedisServerOptions {
   cluster?: boolean;
   /** Port to use (default: a free one; for clusters also port + 10000 free). */
   port?: number;
+  /** Run as a Sentinel monitoring this master (quorum 1) instead of as a data server. */
+  sentinelOf?: { masterName: string; port: number; password?: string };
 }
 
 let installed = false;
@@ -100,7 +102,8 @@ export async function startRedisServer(opts: RedisServerOptions = {}): Promise<R
   let child: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
 
-  const args = (): string[] => [
+  const sentinelConf = path.join(dir, 'sentinel.conf');
+  const args = (): string[] => opts.sentinelOf ? [sentinelConf, '--sentinel'] : [
     '--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--daemonize', 'no', '--logfile', '',
     '--save', '', '--appendonly', opts.appendonly ? 'yes' : 'no',
     '--appendfsync', opts.fsyncAlways ? 'always' : 'everysec',
@@ -109,6 +112,15 @@ export async function startRedisServer(opts: RedisServerOptions = {}): Promise<R
   ];
 
   const start = async (): Promise<void> => {
+    const so = opts.sentinelOf;
+    if (so && !existsSync(sentinelConf)) {
+      await fsp.writeFile(sentinelConf, [
+        `port ${port}`, 'bind 127.0.0.1', `dir ${dir}`, 'logfile ""', 'daemonize no',
+        `sentinel monitor ${so.masterName} 127.0.0.1 ${so.port} 1`,
+        ...(so.password ? [`sentinel auth-pass ${so.masterName} ${so.password}`] : []),
+        `sentinel down-after-milliseconds ${so.masterName} 5000`, '',
+      ].join('\n'));
+    }
     if (child && child.exitCode === null && child.signalCode === null) throw new Error('redis-server already running');
     const c = spawn('redis-server', args(), { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
     child = c;
@@ -121,7 +133,8 @@ export async function startRedisServer(opts: RedisServerOptions = {}): Promise<R
     c.stderr?.on('data', onData);
     exited = new Promise((resolve) => c.once('exit', () => resolve()));
     const deadline = Date.now() + 30_000;
-    while (!/Ready to accept connections/.test(out)) {
+    const ready = opts.sentinelOf ? /\+monitor master/ : /Ready to accept connections/;
+    while (!ready.test(out)) {
       if (c.exitCode !== null || c.signalCode !== null) {
         throw new Error(`redis-server exited during startup (port ${port}):\n${out.slice(-2000)}`);
       }

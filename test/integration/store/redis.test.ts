@@ -119,6 +119,25 @@ describe('redis store: createStore and URLs', () => {
   });
 });
 
+describe('redis store: Sentinel', () => {
+  it('finds the master through a real Sentinel and works', async () => {
+    const sentinel = await startRedisServer({ sentinelOf: { masterName: 'mymaster', port: server.port } });
+    try {
+      const store = await createStore({
+        redisUrl: `redis+sentinel://127.0.0.1:${sentinel.port}/mymaster?db=1`, dataDir: '/nonexistent', ttlMs: 60_000,
+      });
+      expect(store.kind).toBe('redis');
+      await store.upsert(inputFor('sentinel-user', 1));
+      expect((await store.get('sentinel-user', tokenFor(1)))?.user).toBe('sentinel-user');
+      expect(server.cli('-n', '1', 'zrange', 'xaps:users', '0', '-1').trim()).toBe('sentinel-user');
+      await store.ping();
+      await store.close();
+    } finally {
+      await sentinel.destroy();
+    }
+  });
+});
+
 describe('redis store: outages', () => {
   it('rejects quickly while Redis is down, recovers after it restarts, and keeps AOF data', async () => {
     const own = await startRedisServer({ appendonly: true, fsyncAlways: true });

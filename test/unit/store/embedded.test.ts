@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -12,7 +13,7 @@ import { mailboxRef } from '../../../src/store/common.js';
 import { EmbeddedRegistrationStore, type EmbeddedStoreOptions } from '../../../src/store/embedded.js';
 import { createStore } from '../../../src/store/index.js';
 import { encodeLine } from '../../../src/store/records.js';
-import { StoreCorruptError, StoreLockedError, type Registration } from '../../../src/store/types.js';
+import { StoreCorruptError, StoreLockedError, StoreUnavailableError, type Registration } from '../../../src/store/types.js';
 import { CONTRACT_TTL_MS, inputFor, storeContract, tokenFor } from './contract.js';
 import { crashRegistration } from './fixtures/crash-data.js';
 
@@ -180,6 +181,96 @@ describe('embedded store: persistence', () => {
     expect(missing).toEqual([]);
     expect(all.size).toBeGreaterThanOrEqual(acked.size);
     await store.close();
+  });
+});
+
+/** Wraps the store's journal handle so a test can count or fail its calls. */
+function instrumentJournal(
+  store: EmbeddedRegistrationStore,
+  hooks: { write?: () => void; datasync?: () => void },
+): void {
+  const holder = store as unknown as { journal: FileHandle };
+  const real = holder.journal;
+  holder.journal = new Proxy(real, {
+    get(target, prop) {
+      const v = Reflect.get(target, prop) as unknown;
+      if (typeof v !== 'function') return v;
+      const hook = prop === 'write' ? hooks.write : prop === 'datasync' ? hooks.datasync : undefined;
+      return (...args: unknown[]) => {
+        hook?.();
+        return (v as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+}
+
+describe('embedded store: write path', () => {
+  it('group-commits concurrent upserts into few fsyncs', async () => {
+    const dir = await tempDir();
+    const s = await open(dir);
+    let syncs = 0;
+    instrumentJournal(s, { datasync: () => syncs++ });
+    await Promise.all(Array.from({ length: 200 }, (_, i) => s.upsert(inputFor(`u${i % 7}`, i))));
+    expect(syncs).toBeGreaterThan(0);
+    expect(syncs).toBeLessThan(200);
+    await s.close();
+    const s2 = await open(dir);
+    expect((await s2.counts()).registrations).toBe(200);
+    await s2.close();
+  });
+
+  it('rejects a write that failed, and goes on when the disk works again', async () => {
+    const dir = await tempDir();
+    const s = await open(dir);
+    await s.upsert(inputFor('alice', 1));
+    let fail = true;
+    instrumentJournal(s, {
+      write: () => {
+        if (fail) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+      },
+    });
+    await expect(s.upsert(inputFor('alice', 2))).rejects.toBeInstanceOf(StoreUnavailableError);
+    expect(await s.get('alice', tokenFor(2))).toBeNull();
+    fail = false;
+    await s.upsert(inputFor('alice', 3));
+    await s.ping();
+    await s.close();
+    const s2 = await open(dir);
+    expect((await s2.listAll()).map((r) => r.deviceToken)).toEqual([tokenFor(1), tokenFor(3)]);
+    await s2.close();
+  });
+
+  it('refuses writes after a failed fsync until it has rewritten its files', async () => {
+    const dir = await tempDir();
+    const { logger, lines } = captureLogger();
+    const s = await open(dir, { logger });
+    await s.upsert(inputFor('alice', 1));
+    instrumentJournal(s, {
+      datasync: () => {
+        throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+      },
+    });
+    await expect(s.upsert(inputFor('alice', 2))).rejects.toBeInstanceOf(StoreUnavailableError);
+    await expect(s.ping()).rejects.toBeInstanceOf(StoreUnavailableError);
+    expect(await s.get('alice', tokenFor(2))).toBeNull();
+    // the next writes first rewrite snapshot + journal from memory (at most once a second), then succeed
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      try {
+        await s.upsert(inputFor('alice', 3));
+        break;
+      } catch (err) {
+        expect(err).toBeInstanceOf(StoreUnavailableError);
+        if (Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    await s.ping();
+    expect(lines.some((l) => l.includes('can no longer be trusted'))).toBe(true);
+    await s.close();
+    const s2 = await open(dir);
+    expect((await s2.listAll()).map((r) => r.deviceToken)).toEqual([tokenFor(1), tokenFor(3)]);
+    await s2.close();
   });
 });
 
