@@ -136,13 +136,14 @@ export class ArgReader {
     this.pos++; // (
     const items: Value[] = [];
     for (;;) {
-      this.skipSpace();
+      const hadSpace = this.skipSpace();
       const c = this.peek();
       if (c === RPAREN) {
         this.pos++;
         return { kind: 'list', items };
       }
       if (c === -1 || c === CR || c === LF) throw new ParseError('unterminated list');
+      if (items.length > 0 && !hadSpace) throw new ParseError('expected a space between list items');
       items.push(this.value(depth + 1));
       if (items.length > 10_000) throw new ParseError('list too long');
     }
@@ -154,15 +155,9 @@ export class ArgReader {
     for (;;) {
       const hadSpace = this.skipSpace();
       if (this.atEnd()) return values;
-      if (values.length > 0 && !hadSpace && !this.afterLiteral()) {
-        throw new ParseError('expected a space between arguments');
-      }
+      if (values.length > 0 && !hadSpace) throw new ParseError('expected a space between arguments');
       values.push(this.value());
     }
-  }
-
-  private afterLiteral(): boolean {
-    return this.pos === 0;
   }
 }
 
