@@ -64,6 +64,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     await store?.close();
     throw err;
   }
+  const purge = store ? schedulePurge(store, log) : null;
   const a = proxy.addresses();
   log.info(
     { listen: a.plain && `${a.plain.host}:${a.plain.port}`, listenTls: a.tls && `${a.tls.host}:${a.tls.port}`, upstream: `${config.upstream.host}:${config.upstream.port}` },
@@ -73,9 +74,26 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     proxy,
     store,
     stop: async (drainMs = 0) => {
+      if (purge) clearInterval(purge);
       await proxy.stop(drainMs);
       await store?.close();
     },
     reload: () => proxy.reloadTls(),
   };
+}
+
+const PURGE_EVERY_MS = 60 * 60 * 1000;
+
+/** Expired registrations are invisible at once; this reclaims their space now and then. */
+function schedulePurge(store: RegistrationStore, log: Logger): NodeJS.Timeout {
+  const timer = setInterval(() => {
+    store.purgeExpired().then(
+      (n) => {
+        if (n > 0) log.info({ removed: n }, 'expired registrations purged');
+      },
+      (err: unknown) => log.warn({ err: String(err) }, 'purging expired registrations failed'),
+    );
+  }, PURGE_EVERY_MS);
+  timer.unref();
+  return timer;
 }

@@ -280,15 +280,16 @@ export class Session {
   // ------------------------------------------------------ client -> upstream
 
   private pumpClient(): void {
-    if (this.closed || this.blocked || !this.upstream) return;
-    this.upstream.cork();
+    const upstream = this.upstream;
+    if (this.closed || this.blocked || !upstream) return;
+    upstream.cork(); // one write for all segments of this batch
     try {
       for (let seg = this.cf.next(); seg; seg = this.cf.next()) {
         this.onClientSegment(seg);
         if (this.blocked || this.closed) break;
       }
     } finally {
-      this.upstream?.uncork();
+      upstream.uncork();
     }
     this.flow();
   }
@@ -451,8 +452,8 @@ export class Session {
     const words = parts[0]?.data.toString('latin1').trim().split(' ') ?? [];
     pending.mechanism = (words[2] ?? '').toUpperCase();
     const initial = words[3];
-    if (initial !== undefined) pending.username = saslUsername(pending.mechanism, initial);
-    else pending.username = undefined; // the first client response carries it
+    // without an initial response (or with "=", an empty one) the first client response carries the name
+    pending.username = initial !== undefined && initial !== '=' ? saslUsername(pending.mechanism, initial) : undefined;
     this.exchange = pending;
   }
 
@@ -554,6 +555,7 @@ export class Session {
     const raw = this.client;
     this.cf.drain(); // bytes pipelined after STARTTLS must not survive the handshake
     this.detachClient(raw);
+    while (raw.writableCorked > 0) raw.uncork(); // the OK must go out in clear before the handshake
     raw.pause();
     while (raw.read() !== null) {
       /* discard what was buffered in the stream as well */
@@ -610,14 +612,15 @@ export class Session {
   private onUpstreamData(chunk: Buffer): void {
     if (this.closed) return;
     this.sf.push(chunk);
-    this.client.cork();
+    const client = this.client; // STARTTLS may replace this.client while the batch runs
+    client.cork();
     try {
       for (let seg = this.sf.next(); seg; seg = this.sf.next()) {
         this.onServerSegment(seg);
         if (this.closed) return;
       }
     } finally {
-      if (!this.closed) this.client.uncork();
+      client.uncork();
     }
     this.flow();
   }

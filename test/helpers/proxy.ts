@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { loadConfig } from '../../src/config/index.js';
 import { startApp, type App, type AppDeps } from '../../src/app.js';
-import { createLogger, silentLogger } from '../../src/ops/log.js';
+import { createLogger, silentLogger, type Logger } from '../../src/ops/log.js';
 import { freePort } from '../../src/testbed/ports.js';
 
 export interface TestProxy {
@@ -23,6 +23,8 @@ export interface TestProxyOptions {
   tlsKey?: string;
   deps?: AppDeps;
   dataDir?: string;
+  /** Where the proxy logs (default: silent, or stderr with XAPS_TEST_LOG=level). */
+  log?: Logger;
 }
 
 export async function startTestProxy(opts: TestProxyOptions): Promise<TestProxy> {
@@ -40,7 +42,7 @@ export async function startTestProxy(opts: TestProxyOptions): Promise<TestProxy>
   ];
   const config = loadConfig({ argv, env: {} });
   const level = process.env.XAPS_TEST_LOG;
-  const log = level ? createLogger({ level: level as 'debug', pretty: false, destination: process.stderr }) : silentLogger();
+  const log = opts.log ?? (level ? createLogger({ level: level as 'debug', pretty: false, destination: process.stderr }) : silentLogger());
   const app = await startApp(config, log, opts.deps);
   return {
     app,
