@@ -45,6 +45,14 @@ export async function main(argv: readonly string[], io: CliIO = processIO()): Pr
         return runConfigCommand(rest, io);
       case 'devices':
         return await runDevices(rest, io);
+      case 'cert': {
+        const { runCert } = await import('./cert.js');
+        return await runCert(rest, io);
+      }
+      case 'test-push': {
+        const { runTestPush } = await import('./test-push.js');
+        return await runTestPush(rest, io);
+      }
       case 'demo': {
         const { runDemo } = await import('./demo.js');
         await runDemo(rest);

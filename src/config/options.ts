@@ -21,7 +21,7 @@ import * as v from './values.js';
 import type { HostPort, ValueType } from './values.js';
 
 /** Subcommands that read configuration; each validates only the options it lists. */
-export const COMMANDS = ['serve', 'devices'] as const;
+export const COMMANDS = ['serve', 'devices', 'test-push', 'cert'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 export interface OptionSpec<T = unknown> {
@@ -50,8 +50,12 @@ function option<const D extends OptionSpec<any>>(spec: D): D {
   return spec;
 }
 
-const ALL = ['serve', 'devices'] as const;
+const ALL = ['serve', 'devices', 'test-push', 'cert'] as const;
 const SERVE = ['serve'] as const;
+/** Commands that send pushes. */
+const SENDERS = ['serve', 'test-push'] as const;
+/** Commands that read the Mail push certificate. */
+const CERT_USERS = ['serve', 'test-push', 'cert'] as const;
 
 export const OPTIONS = {
   // ---- General
@@ -187,6 +191,133 @@ export const OPTIONS = {
     commands: SERVE,
     unsetMeans: 'push disabled, XAPPLEPUSHSERVICE not advertised',
     description: 'APNs topic of the Mail push certificate. When set, push is configured and XAPPLEPUSHSERVICE is advertised.',
+  }),
+  'apns-cert': option({
+    group: 'Push',
+    type: v.readableFile(),
+    commands: CERT_USERS,
+    unsetMeans: 'no certificate (see --apns-p12, --apns-token-key)',
+    description:
+      'PEM file of the Mail push certificate (it may also hold the key). Its topic replaces --apns-topic. ' +
+      'Re-read on SIGHUP and when the file changes.',
+  }),
+  'apns-key': option({
+    group: 'Push',
+    type: v.readableFile(),
+    commands: CERT_USERS,
+    unsetMeans: 'the key is in --apns-cert',
+    description: 'PEM private key of --apns-cert.',
+  }),
+  'apns-p12': option({
+    group: 'Push',
+    type: v.readableFile(),
+    commands: CERT_USERS,
+    description: 'PKCS#12 file with the Mail push certificate and its key (instead of --apns-cert/--apns-key).',
+  }),
+  'apns-p12-passphrase': option({
+    group: 'Push',
+    type: v.text({ placeholder: 'PASSPHRASE' }),
+    commands: CERT_USERS,
+    secret: true,
+    unsetMeans: 'an empty passphrase',
+    description: 'Passphrase of --apns-p12.',
+  }),
+  'apns-token-key': option({
+    group: 'Push',
+    type: v.readableFile(),
+    commands: SENDERS,
+    description:
+      'APNs token authentication instead of a certificate: the .p8 signing key (with --apns-key-id, --apns-team-id ' +
+      'and --apns-topic). Reported not to work for Mail push topics; the certificate is the working route.',
+  }),
+  'apns-key-id': option({
+    group: 'Push',
+    type: v.text({ placeholder: 'KEYID' }),
+    commands: SENDERS,
+    description: 'Key ID of --apns-token-key.',
+  }),
+  'apns-team-id': option({
+    group: 'Push',
+    type: v.text({ placeholder: 'TEAMID' }),
+    commands: SENDERS,
+    description: 'Apple developer team ID for --apns-token-key.',
+  }),
+  'apns-endpoint': option({
+    group: 'Push',
+    type: v.text({
+      placeholder: 'production|sandbox|URL',
+      check: (s) =>
+        s === 'production' || s === 'sandbox' || /^https:\/\/[^\s/]+(:\d+)?\/?$/.test(s)
+          ? undefined
+          : 'expected production, sandbox or an https://HOST[:PORT] URL',
+    }),
+    commands: SENDERS,
+    default: 'production',
+    description: 'APNs server: production (api.push.apple.com, what Mail uses), sandbox, or any https URL (tests).',
+  }),
+  'apns-ca': option({
+    group: 'Push',
+    type: v.readableFile(),
+    commands: SENDERS,
+    unsetMeans: 'the system trust store',
+    description: 'PEM CA(s) trusted for the APNs server certificate (for a local mock APNs).',
+  }),
+  'apns-push-type': option({
+    group: 'Push',
+    type: v.oneOf(['background', 'alert']),
+    commands: SENDERS,
+    default: 'background',
+    description: 'apns-push-type header of Mail pushes.',
+  }),
+  'apns-priority': option({
+    group: 'Push',
+    type: v.oneOf(['5', '10']),
+    commands: SENDERS,
+    default: '5',
+    description: 'apns-priority header (Apple requires 5 for background pushes).',
+  }),
+  'apns-expiration': option({
+    group: 'Push',
+    type: v.duration(),
+    commands: SENDERS,
+    default: '1d',
+    description: 'How long APNs keeps an undelivered push (apns-expiration = now + this; 0: deliver now or never).',
+  }),
+  'apns-connections': option({
+    group: 'Push',
+    type: v.integer({ min: 1, max: 32 }),
+    commands: SENDERS,
+    default: '2',
+    description: 'HTTP/2 connections kept open to APNs.',
+  }),
+  'apns-request-timeout': option({
+    group: 'Push',
+    type: v.duration(),
+    commands: SENDERS,
+    default: '15s',
+    description: 'Give up on one APNs request after this long (it is then retried).',
+  }),
+  'apns-max-attempts': option({
+    group: 'Push',
+    type: v.integer({ min: 1, max: 50 }),
+    commands: SENDERS,
+    default: '8',
+    description: 'Attempts per push on 5xx answers and transport errors (exponential back-off with jitter).',
+  }),
+  'push-coalesce-window': option({
+    group: 'Push',
+    type: v.duration(),
+    commands: SERVE,
+    default: '2s',
+    description:
+      'The first change for a device is pushed at once; further changes within this window are merged into one push at its end.',
+  }),
+  'push-queue-size': option({
+    group: 'Push',
+    type: v.integer({ min: 100, max: 10_000_000 }),
+    commands: SERVE,
+    default: '100000',
+    description: 'Most pushes waiting for APNs; beyond it the oldest merged ones are dropped first (and counted).',
   }),
 
   // ---- Storage

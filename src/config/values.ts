@@ -195,6 +195,25 @@ export function boolean(): ValueType<boolean> {
   };
 }
 
+/** A whole number within [min, max]. */
+export function integer(opts: { min?: number; max?: number } = {}): ValueType<number> {
+  const min = opts.min ?? Number.MIN_SAFE_INTEGER;
+  const max = opts.max ?? Number.MAX_SAFE_INTEGER;
+  return {
+    schema: z
+      .union([z.number(), z.string()], { error: 'expected a whole number' })
+      .transform((raw, ctx): number => {
+        const n = typeof raw === 'number' ? raw : /^\s*-?\d+\s*$/.test(raw) ? Number(raw) : NaN;
+        if (!Number.isSafeInteger(n)) return fail(ctx, 'expected a whole number');
+        if (n < min || n > max) return fail(ctx, `must be between ${min} and ${max}`);
+        return n;
+      }),
+    placeholder: 'N',
+    arity: 'value',
+    format: (v) => v,
+  };
+}
+
 export function oneOf<const V extends readonly [string, ...string[]]>(values: V): ValueType<V[number]> {
   const expected = `expected one of ${values.join('|')}`;
   return {
