@@ -218,41 +218,44 @@ export class Session {
     this.pumpClient();
   };
 
+  private clientHandlers(): Array<[string, (...args: any[]) => void]> {
+    return [
+      ['data', this.onClientData],
+      ['end', this.onClientEnd],
+      ['close', this.onClientEnd],
+      ['error', this.onClientError],
+      ['timeout', this.onClientTimeout],
+      ['drain', this.onClientDrain],
+    ];
+  }
+
+  private upstreamHandlers(): Array<[string, (...args: any[]) => void]> {
+    return [
+      ['data', this.onUpstreamDataBound],
+      ['end', this.onUpstreamEnd],
+      ['close', this.onUpstreamEnd],
+      ['error', this.onUpstreamError],
+      ['drain', this.onUpstreamDrain],
+    ];
+  }
+
   private attachClient(socket: net.Socket): void {
-    socket.on('data', this.onClientData);
-    socket.on('end', this.onClientEnd);
-    socket.on('close', this.onClientEnd);
-    socket.on('error', this.onClientError);
-    socket.on('timeout', this.onClientTimeout);
-    socket.on('drain', this.onClientDrain);
+    for (const [event, handler] of this.clientHandlers()) socket.on(event, handler);
   }
 
   private detachClient(socket: net.Socket): void {
-    socket.off('data', this.onClientData);
-    socket.off('end', this.onClientEnd);
-    socket.off('close', this.onClientEnd);
-    socket.off('error', this.onClientError);
-    socket.off('timeout', this.onClientTimeout);
-    socket.off('drain', this.onClientDrain);
+    for (const [event, handler] of this.clientHandlers()) socket.off(event, handler);
   }
 
   private attachUpstream(socket: net.Socket): void {
     this.upstream = socket;
     socket.setKeepAlive(true, 60_000);
     socket.setNoDelay(true);
-    socket.on('data', this.onUpstreamDataBound);
-    socket.on('end', this.onUpstreamEnd);
-    socket.on('close', this.onUpstreamEnd);
-    socket.on('error', this.onUpstreamError);
-    socket.on('drain', this.onUpstreamDrain);
+    for (const [event, handler] of this.upstreamHandlers()) socket.on(event, handler);
   }
 
   private detachUpstream(socket: net.Socket): void {
-    socket.off('data', this.onUpstreamDataBound);
-    socket.off('end', this.onUpstreamEnd);
-    socket.off('close', this.onUpstreamEnd);
-    socket.off('error', this.onUpstreamError);
-    socket.off('drain', this.onUpstreamDrain);
+    for (const [event, handler] of this.upstreamHandlers()) socket.off(event, handler);
   }
 
   /** Reading follows writing: a side that cannot take more stops the other. */
