@@ -5,10 +5,13 @@
  *   devices list [--user U] [--json]    table (tokens shortened) or full JSON
  *   devices remove --user U --token T   T may be a unique prefix of at least 8 hex digits
  *   devices purge-expired               physically drop expired registrations
+ *
+ * The embedded store (--data-dir) belongs to one process at a time. While a proxy runs on it, `list` shows a
+ * read-only view of it (and says so on stderr); `remove` and `purge-expired` need it to themselves and exit 1.
  */
 import { configOrigins, loadConfig, type DevicesConfig } from '../config/index.js';
 import { createLogger, shortToken, type Logger } from '../ops/log.js';
-import type { Registration, RegistrationStore } from '../store/types.js';
+import { StoreLockedError, type Registration, type RegistrationStore } from '../store/types.js';
 import { helpText, PROG, takeLocalFlags, UsageError, wantsHelp, type CliIO } from './args.js';
 
 export interface StoreOptions {
@@ -16,6 +19,8 @@ export interface StoreOptions {
   dataDir: string;
   ttlMs: number;
   logger?: Logger;
+  /** As in `createStore`: 'read-only-if-locked' gets a read-only view of an embedded store another process holds. */
+  access?: 'read-write' | 'read-only-if-locked';
 }
 export type OpenStore = (opts: StoreOptions) => Promise<RegistrationStore>;
 
@@ -42,7 +47,7 @@ export async function runDevices(argv: readonly string[], io: CliIO, deps: Devic
   switch (sub) {
     case 'list': {
       const { values, rest: configArgs } = takeLocalFlags(rest, { user: 'string', json: 'boolean' });
-      return withStore(configArgs, io, deps, async (store) => {
+      return withStore(configArgs, io, deps, { access: 'read-only-if-locked' }, async (store) => {
         const regs = values.user !== undefined ? await store.listByUser(values.user) : await store.listAll();
         io.stdout.write(values.json ? `${JSON.stringify(regs, null, 2)}\n` : formatTable(regs, values.user));
         return 0;
@@ -57,7 +62,7 @@ export async function runDevices(argv: readonly string[], io: CliIO, deps: Devic
       if (!/^[0-9a-f]{8,}$/.test(wanted)) {
         throw new UsageError('devices remove: --token must be the device token in hex (or a unique prefix of at least 8 digits)');
       }
-      return withStore(configArgs, io, deps, async (store) => {
+      return withStore(configArgs, io, deps, { access: 'read-write', action: 'remove registrations' }, async (store) => {
         let token = wanted;
         if (wanted.length < 64) {
           const matches = (await store.listByUser(user)).filter((r) => r.deviceToken.toLowerCase().startsWith(wanted));
@@ -75,7 +80,7 @@ export async function runDevices(argv: readonly string[], io: CliIO, deps: Devic
       });
     }
     case 'purge-expired': {
-      return withStore(rest, io, deps, async (store) => {
+      return withStore(rest, io, deps, { access: 'read-write', action: 'purge expired registrations' }, async (store) => {
         const n = await store.purgeExpired();
         io.stdout.write(`removed ${n} expired registration${n === 1 ? '' : 's'}\n`);
         return 0;
@@ -86,10 +91,19 @@ export async function runDevices(argv: readonly string[], io: CliIO, deps: Devic
   }
 }
 
+/** How a command needs the store; `action` names what a read-write command could not do while the store is locked. */
+type Access = { access: 'read-only-if-locked' } | { access: 'read-write'; action: string };
+
+/** What `createStore` returns for a locked embedded store with 'read-only-if-locked' (EmbeddedReadOnlyStore). */
+function readOnlyView(store: RegistrationStore): { holderPid?: number | undefined } | null {
+  return (store as { readOnly?: unknown }).readOnly === true ? (store as { holderPid?: number | undefined }) : null;
+}
+
 async function withStore(
   configArgs: readonly string[],
   io: CliIO,
   deps: DevicesDeps,
+  need: Access,
   body: (store: RegistrationStore) => Promise<number>,
 ): Promise<number> {
   const config: DevicesConfig = loadConfig({ argv: configArgs, env: io.env, cwd: io.cwd, command: 'devices' });
@@ -97,12 +111,30 @@ async function withStore(
   const level = configOrigins(config).get('log-level')?.kind === 'default' ? 'warn' : config.logLevel;
   const logger = createLogger({ level, pretty: false, destination: process.stderr });
   const open = deps.openStore ?? defaultOpenStore;
-  const store = await open({
-    ...(config.redisUrl !== undefined ? { redisUrl: config.redisUrl } : {}),
-    dataDir: config.dataDir,
-    ttlMs: config.registrationTtl,
-    logger,
-  });
+  let store: RegistrationStore;
+  try {
+    store = await open({
+      ...(config.redisUrl !== undefined ? { redisUrl: config.redisUrl } : {}),
+      dataDir: config.dataDir,
+      ttlMs: config.registrationTtl,
+      logger,
+      access: need.access,
+    });
+  } catch (err) {
+    if (need.access === 'read-write' && err instanceof StoreLockedError && err.pid !== undefined) {
+      io.stderr.write(
+        `${PROG}: cannot ${need.action}: the data directory ${config.dataDir} is in use by pid ${err.pid} ` +
+          '(a running xaps-proxy?); stop it first, or use Redis (--redis-url) for live administration\n',
+      );
+      return 1;
+    }
+    throw err;
+  }
+  const view = readOnlyView(store);
+  if (view) {
+    const who = view.holderPid !== undefined ? `pid ${view.holderPid}` : 'another process';
+    io.stderr.write(`${PROG}: note: the store in ${config.dataDir} is in use by ${who}; showing a read-only view\n`);
+  }
   try {
     return await body(store);
   } finally {

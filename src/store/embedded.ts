@@ -16,6 +16,10 @@
  * byte offset; nothing is dropped silently. The only exception is a torn final journal line (no LF): the process died
  * mid-write, so it was never acknowledged; it is dropped with a warning and truncated away.
  *
+ * Other processes may read the directory without the lock (EmbeddedRegistrationStore.openReadOnly, for `devices list`
+ * while the proxy runs): snapshot and journal are only ever replaced by rename, and a journal only changes by appends
+ * (and, after a failed write, by truncating away what was never acknowledged) until it is replaced.
+ *
  * After a failed write or fsync the journal can no longer be trusted: writes are refused (StoreUnavailableError) and
  * ping() rejects until a compaction (attempted at most once a second on the next write) has rewritten the state from
  * memory — which holds exactly the acknowledged writes — into a new generation.
@@ -25,19 +29,20 @@ import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../ops/log.js';
+import { compareStrings, copyRegistration, isLive, normalizeInput, normalizeToken, validateTtl, validateUser } from './common.js';
+import { EmbeddedReadOnlyStore, type EmbeddedReadOnlyOptions } from './embedded-readonly.js';
 import {
-  compareRegistrations,
-  compareStrings,
-  copyRegistration,
-  isLive,
-  normalizeInput,
-  normalizeToken,
-  parseRegistration,
-  validateTtl,
-  validateUser,
-} from './common.js';
+  EmbeddedStateReader,
+  JOURNAL,
+  SNAPSHOT,
+  deleteReg,
+  loadState,
+  readIfExists,
+  setReg,
+  type State,
+} from './embedded-state.js';
 import { acquireDirLock, type DirLock } from './lock.js';
-import { FORMAT, corrupt, encodeLine, parseLines, type RecordBase } from './records.js';
+import { FORMAT, encodeLine } from './records.js';
 import {
   StoreUnavailableError,
   type Registration,
@@ -57,17 +62,12 @@ export interface EmbeddedStoreOptions {
   maxBatch?: number;
 }
 
-const JOURNAL = 'store.journal';
-const SNAPSHOT = 'store.snapshot';
-
 type Fields = Omit<Registration, 'firstSeen' | 'lastSeen'>;
 interface Pending<T> { resolve: (v: T) => void; reject: (e: unknown) => void }
 type Intent =
   | ({ kind: 'upsert'; reg: Fields; now: number } & Pending<{ created: boolean; registration: Registration }>)
   | ({ kind: 'remove'; user: string; token: string; unlessSeenAfter: number | undefined; now: number } & Pending<boolean>)
   | ({ kind: 'purge'; now: number } & Pending<number>);
-
-type State = Map<string, Map<string, Registration>>;
 
 function regKey(user: string, token: string): string {
   return JSON.stringify([user, token]);
@@ -110,36 +110,12 @@ async function writeFileDurably(file: string, data: Buffer): Promise<void> {
   await install(await writeTemp(file, data), file);
 }
 
-async function readIfExists(file: string): Promise<Buffer | null> {
-  try {
-    return await fsp.readFile(file);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw err;
-  }
-}
-
-function setReg(state: State, reg: Registration): void {
-  let m = state.get(reg.user);
-  if (!m) state.set(reg.user, (m = new Map()));
-  m.set(reg.deviceToken, reg);
-}
-
-function deleteReg(state: State, user: string, token: string): void {
-  const m = state.get(user);
-  if (m && m.delete(token) && m.size === 0) state.delete(user);
-}
-
-export class EmbeddedRegistrationStore implements RegistrationStore {
-  readonly kind = 'embedded' as const;
+export class EmbeddedRegistrationStore extends EmbeddedStateReader implements RegistrationStore {
   readonly dir: string;
-  private readonly ttlMs: number;
-  private readonly clock: () => number;
   private readonly log: Logger;
   private readonly compactMinBytes: number;
   private readonly maxBatch: number;
   private readonly lock: DirLock;
-  private state: State;
   private gen: number;
   private journal: FileHandle;
   private journalSize: number;
@@ -159,14 +135,12 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
     dir: string; opts: EmbeddedStoreOptions; log: Logger; lock: DirLock; state: State; gen: number;
     journal: FileHandle; journalSize: number; snapshotSize: number;
   }) {
+    super(init.state, init.opts.ttlMs, init.opts.clock);
     this.dir = init.dir;
-    this.ttlMs = validateTtl(init.opts.ttlMs);
-    this.clock = init.opts.clock ?? Date.now;
     this.log = init.log;
     this.compactMinBytes = init.opts.compactMinBytes ?? 4 * 1024 * 1024;
     this.maxBatch = Math.max(1, init.opts.maxBatch ?? 1024);
     this.lock = init.lock;
-    this.state = init.state;
     this.gen = init.gen;
     this.journal = init.journal;
     this.journalSize = init.journalSize;
@@ -182,6 +156,14 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
   }
 
   /**
+   * Opens the store in `dataDir` read-only, without the lock, for administration while another process (the proxy)
+   * owns it: a point-in-time view whose writes reject (embedded-readonly.ts). Creates and changes nothing.
+   */
+  static openReadOnly(opts: EmbeddedReadOnlyOptions): Promise<EmbeddedReadOnlyStore> {
+    return EmbeddedReadOnlyStore.open(opts);
+  }
+
+  /**
    * Opens (creating if needed) the store in `dataDir`. Throws StoreLockedError when another process holds the
    * directory and StoreCorruptError when its files are damaged.
    */
@@ -193,49 +175,35 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
     const lock = await acquireDirLock(dir, log);
     try {
       for (const name of [`${JOURNAL}.tmp`, `${SNAPSHOT}.tmp`]) await fsp.rm(path.join(dir, name), { force: true });
-      const state: State = new Map();
       const snapFile = path.join(dir, SNAPSHOT);
       const journalFile = path.join(dir, JOURNAL);
       const snap = await readIfExists(snapFile);
-      const snapGen = snap ? loadSnapshot(snap, snapFile, state) : 0;
       let journalBuf = await readIfExists(journalFile);
-      if (journalBuf === null) {
-        if (snap) {
-          throw corrupt(journalFile, 0, `journal is missing but snapshot ${snapFile} exists (gen ${snapGen}); acknowledged writes may be lost`);
-        }
+      if (journalBuf === null && snap === null) {
         await writeFileDurably(journalFile, encodeLine({ type: 'journal', format: FORMAT, gen: 0 }));
         journalBuf = await fsp.readFile(journalFile);
       }
-      let journalSize = journalBuf.length;
-      const { gen: journalGen, replay, torn } = readJournal(journalBuf, journalFile);
-      const gen = snapGen;
-      if (journalGen > snapGen) {
-        throw corrupt(journalFile, 0, snap
-          ? `journal generation ${journalGen} is newer than snapshot generation ${snapGen}`
-          : `journal generation ${journalGen} needs snapshot ${snapFile}, which is missing`);
-      }
-      if (journalGen < snapGen) {
+      const loaded = loadState(snap, journalBuf, { snapshot: snapFile, journal: journalFile });
+      const { state, gen, torn } = loaded;
+      let journalSize = loaded.journalBytes;
+      if (loaded.superseded) {
         // Crash between the snapshot rename and the journal rename: the snapshot already holds all of it.
-        log.info({ journalGen, snapGen }, 'ignoring a journal superseded by the snapshot');
-        await writeFileDurably(journalFile, encodeLine({ type: 'journal', format: FORMAT, gen: snapGen }));
+        log.info({ journalGen: loaded.journalGen, snapGen: gen }, 'ignoring a journal superseded by the snapshot');
+        await writeFileDurably(journalFile, encodeLine({ type: 'journal', format: FORMAT, gen }));
         journalSize = (await fsp.stat(journalFile)).size;
-      } else {
-        for (const line of replay) applyRecord(state, line.rec, journalFile, line.offset);
-        if (torn) {
-          log.warn(
-            { file: journalFile, offset: torn.offset, bytes: torn.bytes },
-            'dropping a torn final journal record (the process died while writing it; it was never acknowledged)',
-          );
-          journalSize = torn.offset;
-        }
+      } else if (torn) {
+        log.warn(
+          { file: journalFile, offset: torn.offset, bytes: torn.bytes },
+          'dropping a torn final journal record (the process died while writing it; it was never acknowledged)',
+        );
       }
       const journal = await fsp.open(journalFile, 'r+');
-      if (torn && journalGen === snapGen) {
+      if (torn && !loaded.superseded) {
         await journal.truncate(journalSize);
         await journal.datasync();
       }
       const store = new EmbeddedRegistrationStore({
-        dir, opts, log, lock, state, gen, journal, journalSize, snapshotSize: snap?.length ?? 0,
+        dir, opts, log, lock, state, gen, journal, journalSize, snapshotSize: loaded.snapshotBytes,
       });
       log.info({ dir, registrations: store.size(), journalBytes: journalSize }, 'embedded registration store opened');
       if (store.compactDue()) {
@@ -247,12 +215,6 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
       await lock.release();
       throw err;
     }
-  }
-
-  private size(): number {
-    let n = 0;
-    for (const m of this.state.values()) n += m.size;
-    return n;
   }
 
   // ---------------------------------------------------------------- writes
@@ -523,67 +485,10 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
     this.log.debug({ gen, records, snapshotBytes: snap.length }, 'store compacted');
   }
 
-  // ---------------------------------------------------------------- reads
+  // ---------------------------------------------------------------- reads (get, list…, counts: EmbeddedStateReader)
 
-  private checkOpen(): void {
+  protected checkOpen(): void {
     if (this.closing) throw new StoreUnavailableError('embedded registration store is closed');
-  }
-
-  async get(user: string, deviceToken: string): Promise<Registration | null> {
-    this.checkOpen();
-    validateUser(user);
-    const reg = this.state.get(user)?.get(normalizeToken(deviceToken));
-    return reg && isLive(reg, this.ttlMs, this.clock()) ? copyRegistration(reg) : null;
-  }
-
-  async listByUser(user: string): Promise<Registration[]> {
-    this.checkOpen();
-    validateUser(user);
-    const now = this.clock();
-    const out: Registration[] = [];
-    for (const reg of this.state.get(user)?.values() ?? []) {
-      if (isLive(reg, this.ttlMs, now)) out.push(copyRegistration(reg));
-    }
-    return out.sort(compareRegistrations);
-  }
-
-  async listUsers(): Promise<string[]> {
-    this.checkOpen();
-    const now = this.clock();
-    const out: string[] = [];
-    for (const [user, m] of this.state) {
-      for (const reg of m.values()) {
-        if (isLive(reg, this.ttlMs, now)) {
-          out.push(user);
-          break;
-        }
-      }
-    }
-    return out.sort(compareStrings);
-  }
-
-  async listAll(): Promise<Registration[]> {
-    this.checkOpen();
-    const now = this.clock();
-    const out: Registration[] = [];
-    for (const m of this.state.values()) {
-      for (const reg of m.values()) if (isLive(reg, this.ttlMs, now)) out.push(copyRegistration(reg));
-    }
-    return out.sort(compareRegistrations);
-  }
-
-  async counts(): Promise<{ users: number; registrations: number }> {
-    this.checkOpen();
-    const now = this.clock();
-    let users = 0;
-    let registrations = 0;
-    for (const m of this.state.values()) {
-      let n = 0;
-      for (const reg of m.values()) if (isLive(reg, this.ttlMs, now)) n++;
-      if (n > 0) users++;
-      registrations += n;
-    }
-    return { users, registrations };
   }
 
   async ping(): Promise<void> {
@@ -611,80 +516,5 @@ export class EmbeddedRegistrationStore implements RegistrationStore {
       }
     })();
     return this.closePromise;
-  }
-}
-
-/** Loads a snapshot into `state`; returns its generation. */
-function loadSnapshot(buf: Buffer, file: string, state: State): number {
-  const nl = buf.indexOf(0x0a);
-  if (nl < 0) throw corrupt(file, 0, `truncated snapshot header (${buf.length} bytes, no complete line)`);
-  const { lines } = parseLines(buf.subarray(0, nl + 1), file);
-  const h = lines[0]?.rec as RecordBase;
-  if (h.type !== 'snapshot') throw corrupt(file, 0, `not a snapshot header (type "${String(h.type)}")`);
-  if (h.format !== FORMAT) throw corrupt(file, 0, `unsupported snapshot format ${String(h.format)} (written by a newer version?)`);
-  const { gen, records, bodyBytes, sha256 } = h;
-  if (!Number.isSafeInteger(gen) || !Number.isSafeInteger(records) || !Number.isSafeInteger(bodyBytes) || typeof sha256 !== 'string') {
-    throw corrupt(file, 0, 'malformed snapshot header');
-  }
-  const start = nl + 1;
-  const have = buf.length - start;
-  if (have < (bodyBytes as number)) {
-    throw corrupt(file, buf.length, `snapshot truncated: header announces ${String(bodyBytes)} bytes of records, only ${have} present`);
-  }
-  if (have > (bodyBytes as number)) {
-    throw corrupt(file, start + (bodyBytes as number), `unexpected ${have - (bodyBytes as number)} bytes after the last snapshot record`);
-  }
-  const parsed = parseLines(buf, file, start);
-  if (parsed.torn) throw corrupt(file, parsed.torn.offset, 'snapshot ends in the middle of a record');
-  if (parsed.lines.length !== records) {
-    throw corrupt(file, buf.length, `snapshot has ${parsed.lines.length} records, its header announces ${String(records)}`);
-  }
-  if (createHash('sha256').update(buf.subarray(start)).digest('hex') !== sha256) {
-    throw corrupt(file, start, 'snapshot records do not match the SHA-256 in its header');
-  }
-  for (const line of parsed.lines) {
-    if (line.rec.type !== 'reg.put') throw corrupt(file, line.offset, `unexpected record type "${line.rec.type}" in a snapshot`);
-    applyRecord(state, line.rec, file, line.offset);
-  }
-  return gen as number;
-}
-
-/** Checks the journal header and returns the records to replay (the header is not among them). */
-function readJournal(buf: Buffer, file: string): { gen: number; replay: Array<{ offset: number; rec: RecordBase }>; torn?: { offset: number; bytes: number } } {
-  const parsed = parseLines(buf, file);
-  const first = parsed.lines[0];
-  if (!first) {
-    throw corrupt(file, 0, buf.length === 0 ? 'journal is empty (no header)' : 'journal header is incomplete');
-  }
-  const h = first.rec;
-  if (h.type !== 'journal') throw corrupt(file, 0, `not a journal header (type "${h.type}")`);
-  if (h.format !== FORMAT) throw corrupt(file, 0, `unsupported journal format ${String(h.format)} (written by a newer version?)`);
-  if (!Number.isSafeInteger(h.gen) || (h.gen as number) < 0) throw corrupt(file, 0, 'malformed journal header');
-  const out: { gen: number; replay: Array<{ offset: number; rec: RecordBase }>; torn?: { offset: number; bytes: number } } = {
-    gen: h.gen as number,
-    replay: parsed.lines.slice(1),
-  };
-  if (parsed.torn) out.torn = parsed.torn;
-  return out;
-}
-
-function applyRecord(state: State, rec: RecordBase, file: string, offset: number): void {
-  switch (rec.type) {
-    case 'reg.put': {
-      const reg = parseRegistration(rec.reg);
-      if (!reg) throw corrupt(file, offset, 'malformed registration record');
-      setReg(state, reg);
-      return;
-    }
-    case 'reg.del': {
-      if (typeof rec.user !== 'string' || typeof rec.token !== 'string') throw corrupt(file, offset, 'malformed delete record');
-      deleteReg(state, rec.user, rec.token);
-      return;
-    }
-    case 'journal':
-    case 'snapshot':
-      throw corrupt(file, offset, `unexpected ${rec.type} header in the middle of the file`);
-    default:
-      throw corrupt(file, offset, `unknown record type "${rec.type}" (written by a newer version?)`);
   }
 }

@@ -3,13 +3,15 @@
  * journal+snapshot store in the data directory.
  */
 import type { Logger } from '../ops/log.js';
+import { EmbeddedReadOnlyStore } from './embedded-readonly.js';
 import { EmbeddedRegistrationStore } from './embedded.js';
 import { RedisRegistrationStore } from './redis.js';
-import type { RegistrationStore } from './types.js';
+import { StoreLockedError, type RegistrationStore } from './types.js';
 
 export * from './types.js';
 export { mailboxRef } from './common.js';
 export { EmbeddedRegistrationStore, type EmbeddedStoreOptions } from './embedded.js';
+export { EmbeddedReadOnlyStore, StoreReadOnlyError, type EmbeddedReadOnlyOptions } from './embedded-readonly.js';
 export { RedisRegistrationStore, type RedisStoreOptions } from './redis.js';
 export { parseRedisUrl, redactRedisUrl, type RedisTarget } from './redis-url.js';
 
@@ -23,7 +25,16 @@ export interface CreateStoreOptions {
   logger?: Logger;
   /** Clock (ms since epoch) for reads and default write times; tests only. */
   clock?: () => number;
+  /**
+   * Embedded store only (Redis is shared by design): 'read-write' (default) takes the data-dir lock and throws
+   * StoreLockedError when a live process holds it; 'read-only-if-locked' then returns a read-only view instead
+   * (EmbeddedReadOnlyStore: `readOnly`, `holderPid`; writes reject with StoreReadOnlyError). The lock attempt before
+   * the fallback is the ordinary one: it may briefly create and remove a temp file next to store.lock.
+   */
+  access?: StoreAccess;
 }
+
+export type StoreAccess = 'read-write' | 'read-only-if-locked';
 
 export async function createStore(opts: CreateStoreOptions): Promise<RegistrationStore> {
   const common = {
@@ -34,5 +45,11 @@ export async function createStore(opts: CreateStoreOptions): Promise<Registratio
   if (opts.redisUrl !== undefined && opts.redisUrl !== '') {
     return RedisRegistrationStore.open({ url: opts.redisUrl, ...common });
   }
-  return EmbeddedRegistrationStore.open({ dataDir: opts.dataDir, ...common });
+  try {
+    return await EmbeddedRegistrationStore.open({ dataDir: opts.dataDir, ...common });
+  } catch (err) {
+    // Only a live holder (the lock names its pid): an unreadable or flapping lock stays an error.
+    if (opts.access !== 'read-only-if-locked' || !(err instanceof StoreLockedError) || err.pid === undefined) throw err;
+    return EmbeddedReadOnlyStore.open({ dataDir: opts.dataDir, ...common, holderPid: err.pid });
+  }
 }

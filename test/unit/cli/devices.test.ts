@@ -1,13 +1,15 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { createInterface } from 'node:readline';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { UsageError } from '../../../src/cli/args.js';
 import { formatTable, runDevices, type StoreOptions } from '../../../src/cli/devices.js';
 import { main } from '../../../src/cli/main.js';
 import { ConfigError } from '../../../src/config/index.js';
-import type { Registration, RegistrationStore } from '../../../src/store/types.js';
-import { memoryIO } from './helpers.js';
+import { StoreLockedError, type Registration, type RegistrationStore } from '../../../src/store/types.js';
+import { memoryIO, ROOT, runCli } from './helpers.js';
 
 const T1 = 'a1b2c3d4'.repeat(8);
 const T2 = 'a1b2c3d5'.repeat(8);
@@ -27,8 +29,8 @@ function reg(user: string, deviceToken: string, lastSeen: number, mailboxes = ['
   };
 }
 
-/** An in-memory store recording how it was opened and whether it was closed. */
-function fakeStore(regs: Registration[]) {
+/** An in-memory store recording how it was opened and whether it was closed (`view`: as a read-only view). */
+function fakeStore(regs: Registration[], view?: { holderPid: number }) {
   const state = { opened: undefined as StoreOptions | undefined, closed: false, purgedAt: [] as Array<number | undefined> };
   const rows = [...regs];
   const store = {
@@ -48,6 +50,7 @@ function fakeStore(regs: Registration[]) {
     close: async () => {
       state.closed = true;
     },
+    ...(view ? { readOnly: true, holderPid: view.holderPid } : {}),
   } as unknown as RegistrationStore;
   const openStore = async (opts: StoreOptions) => {
     state.opened = opts;
@@ -85,6 +88,21 @@ describe('devices list', () => {
     expect(await runDevices(['list', '--user', 'carol'], io, { openStore: fakeStore(sample()).openStore })).toBe(0);
     expect(io.out()).toBe('no registrations for "carol"\n');
     expect(formatTable([])).toBe('no registrations\n');
+  });
+
+  it('asks for a read-only view if the store is locked, and says on stderr when it got one', async () => {
+    const fake = fakeStore(sample());
+    const io = memoryIO();
+    expect(await runDevices(['list', '--data-dir', '/srv/state'], io, { openStore: fake.openStore })).toBe(0);
+    expect(fake.state.opened?.access).toBe('read-only-if-locked');
+    expect(io.err()).toBe('');
+
+    const view = fakeStore(sample(), { holderPid: 4242 });
+    const json = memoryIO();
+    expect(await runDevices(['list', '--json', '--data-dir', '/srv/state'], json, { openStore: view.openStore })).toBe(0);
+    expect(JSON.parse(json.out())).toEqual(sample());
+    expect(json.err()).toBe('xaps-proxy: note: the store in /srv/state is in use by pid 4242; showing a read-only view\n');
+    expect(view.state.closed).toBe(true);
   });
 
   it('rejects serve-only options', async () => {
@@ -138,6 +156,45 @@ describe('devices remove', () => {
   });
 });
 
+describe('devices remove and purge-expired: a locked store', () => {
+  const locked = async () => {
+    throw new StoreLockedError('data directory /srv/state is in use by pid 4242 on host (since …); stop that process first', {
+      lockFile: '/srv/state/store.lock',
+      pid: 4242,
+    });
+  };
+
+  it('open the store read-write, and exit 1 with one line naming the data dir and the pid when it is locked', async () => {
+    const fake = fakeStore(sample());
+    expect(await runDevices(['purge-expired'], memoryIO(), { openStore: fake.openStore })).toBe(0);
+    expect(fake.state.opened?.access).toBe('read-write');
+    expect(await runDevices(['remove', '--user', 'bob', '--token', T3], memoryIO(), { openStore: fake.openStore })).toBe(0);
+    expect(fake.state.opened?.access).toBe('read-write');
+
+    const remove = memoryIO();
+    expect(await runDevices(['remove', '--user', 'bob', '--token', T3, '--data-dir', '/srv/state'], remove, { openStore: locked })).toBe(1);
+    expect(remove.out()).toBe('');
+    expect(remove.err()).toBe(
+      'xaps-proxy: cannot remove registrations: the data directory /srv/state is in use by pid 4242 (a running xaps-proxy?); ' +
+        'stop it first, or use Redis (--redis-url) for live administration\n',
+    );
+    const purge = memoryIO();
+    expect(await runDevices(['purge-expired', '--data-dir', '/srv/state'], purge, { openStore: locked })).toBe(1);
+    expect(purge.err()).toBe(
+      'xaps-proxy: cannot purge expired registrations: the data directory /srv/state is in use by pid 4242 (a running xaps-proxy?); ' +
+        'stop it first, or use Redis (--redis-url) for live administration\n',
+    );
+  });
+
+  it('other store errors still propagate', async () => {
+    const unreadable = async () => {
+      throw new StoreLockedError('data directory /srv/state has an unreadable lock file /srv/state/store.lock', { lockFile: '/srv/state/store.lock' });
+    };
+    await expect(runDevices(['purge-expired'], memoryIO(), { openStore: unreadable })).rejects.toThrow(/unreadable lock file/);
+    await expect(runDevices(['list'], memoryIO(), { openStore: unreadable })).rejects.toThrow(/unreadable lock file/);
+  });
+});
+
 describe('devices purge-expired and dispatch', () => {
   it('prints how many were removed', async () => {
     const fake = fakeStore([]);
@@ -184,5 +241,83 @@ describe('devices against the real embedded store', () => {
     const empty = memoryIO();
     expect(await main(['devices', 'list', '--data-dir', dataDir, '--log-level', 'silent'], empty)).toBe(0);
     expect(empty.out()).toBe('no registrations\n');
+  });
+});
+
+describe('devices while another process (the proxy) holds the embedded store', () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'xaps-devices-locked-'));
+  const children: ChildProcess[] = [];
+  afterEach(() => {
+    for (const c of children.splice(0)) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  });
+  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  /** Names, sizes and mtimes of the files in the data dir. */
+  const files = () => readdirSync(dataDir).sort().map((name) => {
+    const st = statSync(join(dataDir, name));
+    return { name, size: st.size, mtimeMs: st.mtimeMs };
+  });
+
+  it('list shows its registrations read-only; remove and purge-expired exit 1; nothing in the data dir changes', async () => {
+    const { createStore } = await import('../../../src/store/index.js');
+    const store = await createStore({ dataDir, ttlMs: 30 * DAY });
+    const now = Date.now();
+    await store.upsert({ user: 'alice', deviceToken: T1, accountId: 'A-1', subtopic: 'com.apple.mobilemail', mailboxes: [{ name: 'INBOX', md5: 'e'.repeat(32) }], version: 2, now });
+    await store.upsert({ user: 'alice', deviceToken: T2, accountId: 'A-2', subtopic: 'com.apple.mobilemail', mailboxes: [], version: 1, now });
+    await store.upsert({ user: 'bob', deviceToken: T3, accountId: 'B-1', subtopic: 'com.apple.mobilemail', mailboxes: [], version: 1, now: now - 40 * DAY });
+    await store.close();
+
+    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'test/unit/store/fixtures/hold-open.ts'), dataDir], {
+      cwd: ROOT,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    children.push(child);
+    const pid = await new Promise<number>((resolve, reject) => {
+      createInterface({ input: child.stdout as NodeJS.ReadableStream }).on('line', (line) => {
+        if (line.startsWith('READY ')) resolve(Number(line.slice(6)));
+      });
+      child.once('exit', (code) => reject(new Error(`hold-open exited early (${code})`)));
+    });
+    const before = files();
+    expect(before.map((f) => f.name)).toContain('store.lock');
+
+    const [json, table, remove, purge] = await Promise.all([
+      runCli(['devices', 'list', '--json', '--data-dir', dataDir]),
+      runCli(['devices', 'list', '--user', 'alice', '--data-dir', dataDir]),
+      runCli(['devices', 'remove', '--user', 'alice', '--token', T1, '--data-dir', dataDir]),
+      runCli(['devices', 'purge-expired', '--data-dir', dataDir]),
+    ]);
+    const note = `xaps-proxy: note: the store in ${dataDir} is in use by pid ${pid}; showing a read-only view\n`;
+    expect(json.stderr).toBe(note);
+    expect(json.code).toBe(0);
+    expect((JSON.parse(json.stdout) as Registration[]).map((r) => [r.user, r.deviceToken, r.accountId, r.firstSeen])).toEqual([
+      ['alice', T1, 'A-1', now],
+      ['alice', T2, 'A-2', now],
+    ]);
+    expect(table.stderr).toBe(note);
+    expect(table.code).toBe(0);
+    expect(table.stdout).toMatch(/^alice\s+a1b2c3d4…\s+A-1\s+INBOX\s+2\s/m);
+    expect(table.stdout).toMatch(/\n2 registrations\n$/);
+
+    const busy = (what: string) =>
+      `xaps-proxy: cannot ${what}: the data directory ${dataDir} is in use by pid ${pid} (a running xaps-proxy?); ` +
+      'stop it first, or use Redis (--redis-url) for live administration\n';
+    expect(remove).toEqual({ code: 1, stdout: '', stderr: busy('remove registrations') });
+    expect(purge).toEqual({ code: 1, stdout: '', stderr: busy('purge expired registrations') });
+    expect(files()).toEqual(before);
+
+    // once the proxy is gone, the same commands work on the same data
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGKILL');
+    await exited;
+    const purged = memoryIO();
+    expect(await main(['devices', 'purge-expired', '--data-dir', dataDir, '--log-level', 'silent'], purged)).toBe(0);
+    expect(purged.out()).toBe('removed 1 expired registration\n');
+    const removed = memoryIO();
+    expect(await main(['devices', 'remove', '--user', 'alice', '--token', T1, '--data-dir', dataDir, '--log-level', 'silent'], removed)).toBe(0);
+    const list = memoryIO();
+    expect(await main(['devices', 'list', '--json', '--data-dir', dataDir, '--log-level', 'silent'], list)).toBe(0);
+    expect(list.err()).toBe('');
+    expect((JSON.parse(list.out()) as Registration[]).map((r) => r.deviceToken)).toEqual([T2]);
   });
 });
