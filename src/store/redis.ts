@@ -172,6 +172,14 @@ export class RedisRegistrationStore implements RegistrationStore {
     this.where = where;
   }
 
+  /**
+   * The store's connection and key prefix, for features that keep their own keys
+   * next to the registrations (change dedupe, watcher leases) on the same slots.
+   */
+  get connection(): { client: Client; keyPrefix: string } {
+    return { client: this.client, keyPrefix: this.prefix };
+  }
+
   /** Connects (waiting up to `connectWaitMs` for the first connection) and returns the store. */
   static async open(opts: RedisStoreOptions): Promise<RedisRegistrationStore> {
     const prefix = opts.keyPrefix ?? 'xaps';
