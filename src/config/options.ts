@@ -345,6 +345,64 @@ export const OPTIONS = {
     default: '30d',
     description: 'Forget device registrations not renewed for this long.',
   }),
+
+  // ---- Certificate request: Apple's historical PushCertRequest flow (docs/certificates.md).
+  // Used by `cert request|renew`, and by `serve` for auto-renewal when the vendor material is set.
+  'cert-apple-id': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.text({ placeholder: 'APPLE_ID', expected: 'an Apple ID' }),
+    commands: ['serve', 'cert'],
+    description:
+      'Apple ID for "cert request", "cert renew" and auto-renewal through Apple\'s PushCertRequest service. ' +
+      'Apple has refused these requests since 2024-10-29; see docs/certificates.md for the developer-portal route.',
+  }),
+  'cert-password-file': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.readableFile(),
+    commands: ['serve', 'cert'],
+    description:
+      'File holding the password of --cert-apple-id (its first line; only its SHA-256 is sent, never printed). Keep it 0600.',
+  }),
+  'cert-vendor-cert': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.readableFile(),
+    commands: ['serve', 'cert'],
+    unsetMeans: 'no certificate requests, no auto-renewal',
+    description:
+      'Vendor certificate (chain, PEM or DER) whose key signs PushCertRequests, as macOS Server did. Not shipped ' +
+      'with xaps-proxy. With --cert-vendor-key, "serve" renews the Mail push certificate 30 days before it expires.',
+  }),
+  'cert-vendor-key': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.readableFile(),
+    commands: ['serve', 'cert'],
+    description: 'Private key (PEM or DER) of --cert-vendor-cert.',
+  }),
+  'cert-service-url': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.text({
+      placeholder: 'URL',
+      check: (s) => (/^https?:\/\/[^\s/]+(\/\S*)?$/.test(s) ? undefined : 'expected an http(s):// URL'),
+    }),
+    commands: ['serve', 'cert'],
+    unsetMeans: "Apple's https://identity.apple.com/pushcert/caservice/new",
+    description: 'PushCertRequest service for new certificates; renewals go to the same URL ending in /renew instead of /new.',
+  }),
+  'cert-service-ca': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.readableFile(),
+    commands: ['serve', 'cert'],
+    unsetMeans: 'the system trust store',
+    description: 'PEM CA(s) trusted for --cert-service-url (for a local mock service).',
+  }),
+  'cert-out': option({
+    group: 'Certificate request (historical PushCertRequest)',
+    type: v.directory(),
+    commands: ['cert'],
+    description:
+      'Directory "cert csr" and "cert request" write into (same as --out). Without --apns-cert/--apns-p12, ' +
+      '"cert renew" renews DIR/mail.pem and DIR/mail.key in place.',
+  }),
 } as const;
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +505,72 @@ export const RULES: readonly Rule[] = [
       if (!c.apnsTopic) report('apns-topic', 'not set: push is not configured and XAPPLEPUSHSERVICE is not advertised');
     },
   },
+  // Mail push certificate files, and the certificate request flow (src/cert, docs/certificates.md).
+  { command: 'serve', severity: 'error', check: checkCertificateFiles },
+  { command: 'test-push', severity: 'error', check: checkCertificateFiles },
+  { command: 'cert', severity: 'error', check: checkCertificateFiles },
+  { command: 'serve', severity: 'warning', check: warnUnusedP12Passphrase },
+  { command: 'test-push', severity: 'warning', check: warnUnusedP12Passphrase },
+  { command: 'serve', severity: 'error', check: checkVendorPair },
+  { command: 'cert', severity: 'error', check: checkVendorPair },
+  { command: 'serve', severity: 'error', check: checkAutoRenewal },
+  { command: 'serve', severity: 'warning', check: warnAutoRenewal },
 ];
+
+interface CertificateFileOptions {
+  readonly apnsCert?: string | undefined;
+  readonly apnsKey?: string | undefined;
+  readonly apnsP12?: string | undefined;
+  readonly apnsP12Passphrase?: string | undefined;
+}
+
+interface CertificateRequestOptions extends CertificateFileOptions {
+  readonly certAppleId?: string | undefined;
+  readonly certPasswordFile?: string | undefined;
+  readonly certVendorCert?: string | undefined;
+  readonly certVendorKey?: string | undefined;
+}
+
+/** PEM (--apns-cert [--apns-key]) or PKCS#12 (--apns-p12), not both; --apns-key belongs to --apns-cert. */
+function checkCertificateFiles(c: CertificateFileOptions, report: Report): void {
+  if (c.apnsCert && c.apnsP12) {
+    report('apns-p12', 'cannot be combined with --apns-cert: give the Mail push certificate either as PEM (--apns-cert [--apns-key]) or as PKCS#12', ['apns-cert']);
+  }
+  if (c.apnsKey && !c.apnsCert) {
+    report('apns-key', c.apnsP12 ? 'cannot be combined with --apns-p12 (the key is in the PKCS#12 file)' : 'requires --apns-cert', c.apnsP12 ? ['apns-p12'] : []);
+  }
+}
+
+function warnUnusedP12Passphrase(c: CertificateFileOptions, report: Report): void {
+  if (c.apnsP12Passphrase && !c.apnsP12) report('apns-p12-passphrase', 'has no effect without --apns-p12');
+}
+
+function checkVendorPair(c: CertificateRequestOptions, report: Report): void {
+  if (c.certVendorCert && !c.certVendorKey) report('cert-vendor-key', 'required together with --cert-vendor-cert', ['cert-vendor-cert']);
+  if (c.certVendorKey && !c.certVendorCert) report('cert-vendor-cert', 'required together with --cert-vendor-key', ['cert-vendor-key']);
+}
+
+/** Auto-renewal is on when the vendor material is set; it then needs the account and a certificate to renew. */
+function checkAutoRenewal(c: CertificateRequestOptions, report: Report): void {
+  if (!c.certVendorCert || !c.certVendorKey) return;
+  const why = 'required for automatic renewal (--cert-vendor-cert/--cert-vendor-key are set)';
+  if (!c.certAppleId) report('cert-apple-id', why, ['cert-vendor-cert']);
+  if (!c.certPasswordFile) report('cert-password-file', why, ['cert-vendor-cert']);
+  if (!c.apnsCert && !c.apnsP12) report('apns-cert', `${why}: the certificate to renew (or --apns-p12)`, ['cert-vendor-cert']);
+}
+
+function warnAutoRenewal(c: CertificateRequestOptions, report: Report): void {
+  if (c.certVendorCert && c.certVendorKey) {
+    report(
+      'cert-vendor-cert',
+      "automatic renewal through Apple's PushCertRequest service is on, but Apple has refused these requests since 2024-10-29 " +
+        '(failures are retried with back-off of up to a day; see docs/certificates.md)',
+    );
+  } else {
+    if (c.certAppleId) report('cert-apple-id', 'has no effect without --cert-vendor-cert and --cert-vendor-key (no automatic renewal)');
+    if (c.certPasswordFile) report('cert-password-file', 'has no effect without --cert-vendor-cert and --cert-vendor-key (no automatic renewal)');
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Runtime helpers derived from the names
