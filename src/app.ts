@@ -6,79 +6,110 @@
 import { readFileSync } from 'node:fs';
 import type { Config } from './config/index.js';
 import type { Logger } from './ops/log.js';
+import { createRegistry, type Registry } from './ops/metrics.js';
 import { ProxyServer } from './proxy/server.js';
 import type { PushCommandHandler } from './proxy/session.js';
 import { createStore, type RegistrationStore } from './store/index.js';
 import { PushRegistrationHandler } from './push/handler.js';
+import { PushService } from './push/service.js';
+import type { ApnsTransport } from './apns/types.js';
 
 export interface App {
   proxy: ProxyServer;
   /** The registration store, when push is configured. */
   store: RegistrationStore | null;
+  /** Push delivery, when push is configured. */
+  push: PushService | null;
+  registry: Registry;
   /** Stops accepting, lets sessions finish up to drainMs, closes the rest. */
   stop(drainMs?: number): Promise<void>;
-  reload(): void;
+  /** SIGHUP: TLS and APNs certificates. Throws (keeping the old ones) when a new file is broken. */
+  reload(): Promise<void>;
 }
 
 export interface AppDeps {
   /** Replaces the push handler built from the configuration (tests). */
   push?: PushCommandHandler | null;
+  /** Replaces the APNs HTTP/2 client (tests). */
+  apnsTransport?: ApnsTransport;
+  registry?: Registry;
 }
 
 /** Longest line and literal accepted before login: Dovecot's own imap_max_line_length. */
 export const PREAUTH_MAX_LINE = 64 * 1024;
 
 export async function startApp(config: Config, log: Logger, deps: AppDeps = {}): Promise<App> {
-  const topic = config.apnsTopic ?? null;
-  const store = topic
+  const registry = deps.registry ?? createRegistry();
+  const pushConfigured = PushService.configured(config);
+  const store = pushConfigured
     ? await createStore({ redisUrl: config.redisUrl, dataDir: config.dataDir, ttlMs: config.registrationTtl, logger: log })
     : null;
-  const push = deps.push !== undefined ? deps.push : store ? new PushRegistrationHandler(() => topic, store, log) : null;
-  const proxy = new ProxyServer({
-    listen: config.listen,
-    listenTls: config.listenTls,
-    tlsCertPath: config.tlsCert,
-    tlsKeyPath: config.tlsKey,
-    push,
-    log,
-    session: {
-      upstream: {
-        host: config.upstream.host,
-        port: config.upstream.port,
-        tls: config.upstreamTls,
-        ca: config.upstreamCa ? readFileSync(config.upstreamCa) : undefined,
-        servername: config.upstreamServername,
-        insecure: config.upstreamInsecure,
-        connectTimeoutMs: config.connectTimeout,
-        clientIp: config.clientIp,
-      },
-      idleTimeoutMs: config.idleTimeout,
-      preauthMaxLine: PREAUTH_MAX_LINE,
-      localCommandMax: PREAUTH_MAX_LINE,
-      allowPlaintextAuth: config.allowPlaintextAuth,
-    },
-  });
+  let push: PushService | null = null;
+  let proxy: ProxyServer | null = null;
   try {
+    push = store ? await PushService.start(config, { store, registry, log, transport: deps.apnsTransport }) : null;
+    const service = push;
+    const handler =
+      deps.push !== undefined ? deps.push : store && service ? new PushRegistrationHandler(() => service.topic(), store, log) : null;
+    proxy = new ProxyServer({
+      listen: config.listen,
+      listenTls: config.listenTls,
+      tlsCertPath: config.tlsCert,
+      tlsKeyPath: config.tlsKey,
+      push: handler,
+      log,
+      session: {
+        upstream: {
+          host: config.upstream.host,
+          port: config.upstream.port,
+          tls: config.upstreamTls,
+          ca: config.upstreamCa ? readFileSync(config.upstreamCa) : undefined,
+          servername: config.upstreamServername,
+          insecure: config.upstreamInsecure,
+          connectTimeoutMs: config.connectTimeout,
+          clientIp: config.clientIp,
+        },
+        idleTimeoutMs: config.idleTimeout,
+        preauthMaxLine: PREAUTH_MAX_LINE,
+        localCommandMax: PREAUTH_MAX_LINE,
+        allowPlaintextAuth: config.allowPlaintextAuth,
+      },
+    });
     await proxy.start();
   } catch (err) {
-    await store?.close();
+    await push?.close().catch(() => undefined);
+    await store?.close().catch(() => undefined);
     throw err;
   }
   const purge = store ? schedulePurge(store, log) : null;
   const a = proxy.addresses();
   log.info(
-    { listen: a.plain && `${a.plain.host}:${a.plain.port}`, listenTls: a.tls && `${a.tls.host}:${a.tls.port}`, upstream: `${config.upstream.host}:${config.upstream.port}` },
+    {
+      listen: a.plain && `${a.plain.host}:${a.plain.port}`,
+      listenTls: a.tls && `${a.tls.host}:${a.tls.port}`,
+      upstream: `${config.upstream.host}:${config.upstream.port}`,
+      topic: push?.topic() ?? null,
+    },
     'xaps-proxy listening',
   );
+  const server = proxy;
   return {
-    proxy,
+    proxy: server,
     store,
+    push,
+    registry,
     stop: async (drainMs = 0) => {
       if (purge) clearInterval(purge);
-      await proxy.stop(drainMs);
+      await server.stop(drainMs);
+      await push?.close({ flushMs: Math.min(drainMs, 5_000) });
       await store?.close();
     },
-    reload: () => proxy.reloadTls(),
+    reload: async () => {
+      // both are tried; one broken file does not keep the other certificate from reloading
+      const results = await Promise.allSettled([Promise.resolve().then(() => server.reloadTls()), push?.reload()]);
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
+    },
   };
 }
 

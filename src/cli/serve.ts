@@ -24,11 +24,9 @@ export async function runServe(config: Config): Promise<void> {
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
   process.on('SIGHUP', () => {
-    try {
-      app.reload();
-      log.info('certificates reloaded');
-    } catch (err) {
-      log.error({ err: String(err) }, 'reload failed; keeping the previous certificates');
-    }
+    app.reload().then(
+      () => log.info('certificates reloaded'),
+      (err: unknown) => log.error({ err: String(err) }, 'reload failed; keeping the previous certificates'),
+    );
   });
 }
