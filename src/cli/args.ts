@@ -96,6 +96,10 @@ Commands:
   devices list [--user U] [--json]         list device registrations
   devices remove --user U --token T        remove one registration
   devices purge-expired                    remove registrations older than --registration-ttl
+  test-push --user U [--token T] [--json]  send one push to a user's devices and print APNs's answers
+  cert show [FILE…]                        inspect a Mail push certificate (topic, validity, key match)
+  cert csr --out DIR                       new key and CSR for Apple's developer portal
+  cert request | cert renew                the historical macOS Server request flow (refused by Apple since 2024-10-29)
   demo                                     run a self-contained demonstration
   version                                  print the version
   help [command]                           this help; "${PROG} help serve" lists all options
@@ -106,9 +110,18 @@ Options are given as flags, XAPS_* environment variables or a --config YAML file
 
 /** `help`, `help serve`, `serve --help`, …: usage plus the options of the command. */
 export function helpText(topic?: string): string {
-  const command: Command | undefined = topic === 'devices' ? 'devices' : topic === 'serve' || topic === 'config' ? 'serve' : undefined;
+  const command: Command | undefined =
+    topic === 'devices' || topic === 'test-push' || topic === 'cert' ? topic : topic === 'serve' || topic === 'config' ? 'serve' : undefined;
   const heading =
-    topic === 'devices'
+    topic === 'test-push'
+      ? `Usage: ${PROG} test-push --user U [--token T] [--json] [options]
+  Sends one push to each stored registration of U (or to the device whose token starts with T)
+  and prints what APNs answered. Exit 0 when every push was delivered.
+`
+      : topic === 'cert'
+        ? `Usage: ${PROG} cert show [FILE…] | csr --out DIR | request | renew [options]
+`
+        : topic === 'devices'
       ? `Usage: ${PROG} devices <command> [options]
   list [--user U] [--json]     registrations (tokens shortened; --json: full records)
   remove --user U --token T    remove one; T may be a unique prefix of at least 8 hex digits

@@ -188,7 +188,7 @@ export const OPTIONS = {
           ? undefined
           : 'must start with "com.apple.mobilemail.push." or "com.apple.mail." (the topic of the Mail push certificate)',
     }),
-    commands: SERVE,
+    commands: SENDERS,
     unsetMeans: 'push disabled, XAPPLEPUSHSERVICE not advertised',
     description: 'APNs topic of the Mail push certificate. When set, push is configured and XAPPLEPUSHSERVICE is advertised.',
   }),
