@@ -1,11 +1,13 @@
 /** The scripted part of the demo: what iOS Mail does against the proxy, shown line by line. */
 import tls from 'node:tls';
 import type { RegistrationStore } from '../store/types.js';
+import type { App } from '../app.js';
+import type { MockApns } from '../testbed/mock-apns.js';
+import { ApnsTransportError } from '../apns/types.js';
 
 export interface WalkthroughInput {
   port: number;
   ca: string;
-  topic: string;
   deviceToken: string;
   accountId: string;
   store: RegistrationStore;
@@ -70,7 +72,8 @@ export async function demoWalkthrough(w: WalkthroughInput): Promise<void> {
   await c.greeting();
   await c.command('a1', 'LOGIN alice alicepw', 'LOGIN alice ********');
   w.say();
-  w.say('It registers its device token and the mailboxes it wants pushed, exactly as iOS 26 sends it:');
+  w.say('It registers its device token and the mailboxes it wants pushed, exactly as iOS 26 sends it;');
+  w.say('the reply carries the topic of the Mail push certificate, which the phone subscribes to:');
   const reply = await c.command(
     'a2',
     `XAPPLEPUSHSERVICE "aps-version" "2" "aps-account-id" "${w.accountId}" "aps-device-token" "${w.deviceToken}" "aps-subtopic" "com.apple.mobilemail" "mailboxes" ("INBOX" "Sent")`,
@@ -85,4 +88,24 @@ export async function demoWalkthrough(w: WalkthroughInput): Promise<void> {
     w.say(`  user=${r.user} token=${r.deviceToken.slice(0, 8)}… account=${r.accountId} mailboxes=${r.mailboxes.map((m) => m.name).join(', ')}`);
   }
   w.say('Dovecot never saw the XAPPLEPUSHSERVICE command; everything else was relayed byte for byte.');
+}
+
+/** A push to the registered device, as `xaps-proxy test-push` sends it, and what the APNs stand-in received. */
+export async function demoPush(input: { app: App; apns: MockApns; user: string; say(line?: string): void }): Promise<void> {
+  const { app, apns, user, say } = input;
+  const dispatcher = app.push?.dispatcher;
+  const [reg] = (await app.store?.listByUser(user)) ?? [];
+  if (!dispatcher || !reg) throw new Error('demo: push delivery is not running');
+  say('A push to that device over HTTP/2 with the Mail push certificate (what `xaps-proxy test-push` does):');
+  const answer = await dispatcher.sendNow(reg, { mailboxes: ['Sent'] });
+  if (answer instanceof ApnsTransportError) throw new Error(`demo: APNs stand-in did not answer: ${answer.message}`);
+  const req = apns.requests.at(-1);
+  if (!req) throw new Error('demo: the APNs stand-in recorded no request');
+  say(`  ${req.method} ${req.path.replace(/[0-9a-f]{56}$/, '…')}`);
+  for (const h of ['apns-topic', 'apns-push-type', 'apns-priority', 'apns-expiration', 'apns-collapse-id']) {
+    say(`  ${h}: ${req.headers[h]}`);
+  }
+  say(`  body: ${req.rawBody}`);
+  say(`  answer: ${answer.status}${answer.apnsId ? ` apns-id ${answer.apnsId}` : ''}`);
+  say('"m" carries the MD5 of "Sent", so the phone refreshes exactly that mailbox.');
 }

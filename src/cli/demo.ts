@@ -15,9 +15,9 @@ import { createLogger } from '../ops/log.js';
 import { selfSignedCertificate } from '../cert/selfsigned.js';
 import { startDovecot, type DovecotInstance } from '../testbed/dovecot.js';
 import { freePort } from '../testbed/ports.js';
-import { demoWalkthrough } from './demo-walkthrough.js';
-
-const DEMO_TOPIC = 'com.apple.mobilemail.push.demo.example';
+import { createTestCa, issueMailPushCert } from '../testbed/apns-certs.js';
+import { startMockApns, type MockApns } from '../testbed/mock-apns.js';
+import { demoWalkthrough, demoPush } from './demo-walkthrough.js';
 
 function say(line = ''): void {
   process.stdout.write(`${line}\n`);
@@ -28,8 +28,10 @@ export async function runDemo(argv: string[]): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-demo-'));
   let dovecot: DovecotInstance | null = null;
   let app: App | null = null;
+  let apns: MockApns | null = null;
   const cleanup = async () => {
     await app?.stop().catch(() => undefined);
+    await apns?.close().catch(() => undefined);
     await dovecot?.stop().catch(() => undefined);
     await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);
   };
@@ -41,6 +43,17 @@ export async function runDemo(argv: string[]): Promise<void> {
     const keyPath = path.join(dir, 'tls-key.pem');
     await fs.writeFile(certPath, certPem);
     await fs.writeFile(keyPath, keyPem, { mode: 0o600 });
+    // Apple cannot be reached from here: a local APNs stand-in that checks the client
+    // certificate, and a Mail push certificate from a local test CA shaped like Apple's.
+    const ca = createTestCa('xaps-proxy demo CA (not Apple)');
+    const mail = issueMailPushCert(ca);
+    apns = await startMockApns({ clientCa: ca.certPem });
+    const apnsCert = path.join(dir, 'mail-push.pem');
+    const apnsKey = path.join(dir, 'mail-push.key');
+    const apnsCa = path.join(dir, 'mock-apns-ca.pem');
+    await fs.writeFile(apnsCert, mail.certPem);
+    await fs.writeFile(apnsKey, mail.keyPem, { mode: 0o600 });
+    await fs.writeFile(apnsCa, apns.caPem);
     const [plainPort, tlsPort] = [await freePort(), await freePort()];
     const config = loadConfig({
       argv: [
@@ -49,7 +62,10 @@ export async function runDemo(argv: string[]): Promise<void> {
         '--tls-cert', certPath,
         '--tls-key', keyPath,
         '--upstream', `127.0.0.1:${dovecot.imapPort}`,
-        '--apns-topic', DEMO_TOPIC,
+        '--apns-cert', apnsCert,
+        '--apns-key', apnsKey,
+        '--apns-endpoint', apns.url,
+        '--apns-ca', apnsCa,
         '--data-dir', path.join(dir, 'data'),
         '--log-level', 'warn',
       ],
@@ -58,16 +74,19 @@ export async function runDemo(argv: string[]): Promise<void> {
     app = await startApp(config, createLogger({ level: 'warn', pretty: false, destination: process.stderr }));
     say(`Dovecot ${dovecot.host}:${dovecot.imapPort} (users alice/alicepw, bob/bobpw), untouched.`);
     say(`xaps-proxy in front of it: 127.0.0.1:${tlsPort} (TLS) and 127.0.0.1:${plainPort} (STARTTLS).`);
+    say(`APNs stand-in: ${apns.url}; Mail push certificate topic ${mail.topic} (from a local test CA, not Apple).`);
     say();
+    const deviceToken = randomBytes(32).toString('hex');
     await demoWalkthrough({
       port: tlsPort,
       ca: certPem,
-      topic: DEMO_TOPIC,
-      deviceToken: randomBytes(32).toString('hex'),
+      deviceToken,
       accountId: randomUUID().toUpperCase(),
       store: app.store!,
       say,
     });
+    say();
+    await demoPush({ app, apns, user: 'alice', say });
     say();
     say('Try it yourself:');
     say(`  openssl s_client -quiet -connect 127.0.0.1:${tlsPort} -CAfile ${certPath}`);

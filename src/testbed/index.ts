@@ -14,6 +14,9 @@ export {
 export { startRedis, redisAvailable, type RedisOptions, type RedisInstance, type RedisPersistence } from './redis.js';
 export { startTcpRelay, haproxyAvailable, type TcpRelayOptions, type TcpRelayInstance } from './haproxy.js';
 export { PUSH_LUA_SCRIPT } from './push-lua.js';
+export { startMockApns, type MockApns, type MockAnswer, type RecordedRequest } from './mock-apns.js';
+export { startMockCertService } from './mock-cert-service.js';
+export { createTestCa, issueMailPushCert, issueServerCert, type TestCa, type IssuedCert } from './apns-certs.js';
 export {
   canConnect,
   findBinary,
