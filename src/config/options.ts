@@ -346,6 +346,93 @@ export const OPTIONS = {
     description: 'Forget device registrations not renewed for this long.',
   }),
 
+  // ---- Watching the upstream mailboxes
+  watch: option({
+    group: 'Watching',
+    type: v.oneOf(['auto', 'notify', 'idle', 'events']),
+    commands: SERVE,
+    default: 'auto',
+    description:
+      'How new mail is noticed: "notify" (one upstream connection per user with IMAP NOTIFY), "idle" (IDLE, for servers ' +
+      'without NOTIFY such as Cyrus 3.6), "events" (Dovecot push_notification Lua / Cyrus notify_external POST to ' +
+      '--events-listen; no upstream connections), or "auto" (NOTIFY when the upstream offers it, else IDLE).',
+  }),
+  'master-user': option({
+    group: 'Watching',
+    type: v.text({ placeholder: 'USER' }),
+    commands: SERVE,
+    unsetMeans: 'no watchers (only --watch events works)',
+    description:
+      'Upstream master user the watchers log in as on behalf of each user (Dovecot: a master passdb; Cyrus: in ' +
+      'proxyservers). Logs in with SASL PLAIN and the user as authorization id.',
+  }),
+  'master-password-file': option({
+    group: 'Watching',
+    type: v.readableFile(),
+    commands: SERVE,
+    description: 'File holding the master user password (first line). The password is never logged.',
+  }),
+  'master-login': option({
+    group: 'Watching',
+    type: v.oneOf(['plain-authzid', 'separator']),
+    commands: SERVE,
+    default: 'plain-authzid',
+    description:
+      'How the master user logs in for a user: "plain-authzid" (AUTHENTICATE PLAIN user\\0master\\0password: Dovecot and ' +
+      'Cyrus) or "separator" (LOGIN "user*master" password: Dovecot with auth_master_user_separator).',
+  }),
+  'master-separator': option({
+    group: 'Watching',
+    type: v.text({ placeholder: 'CHAR' }),
+    commands: SERVE,
+    default: '*',
+    description: 'Dovecot auth_master_user_separator, for --master-login separator.',
+  }),
+  'idle-max-per-user': option({
+    group: 'Watching',
+    type: v.integer({ min: 1, max: 100 }),
+    commands: SERVE,
+    default: '5',
+    description:
+      'IDLE mode: upstream connections per user (INBOX first, then other registered mailboxes); mailboxes beyond ' +
+      'this are checked with STATUS every --poll-interval.',
+  }),
+  'poll-interval': option({
+    group: 'Watching',
+    type: v.duration(),
+    commands: SERVE,
+    default: '60s',
+    description: 'IDLE mode: how often mailboxes without their own IDLE connection are checked with STATUS.',
+  }),
+  'max-watchers': option({
+    group: 'Watching',
+    type: v.integer({ min: 1, max: 1_000_000 }),
+    commands: SERVE,
+    default: '10000',
+    description: 'Most users watched by this instance (upstream connections: one per user with NOTIFY).',
+  }),
+  'events-listen': option({
+    group: 'Watching',
+    type: v.hostPort(),
+    commands: SERVE,
+    default: '127.0.0.1:8425',
+    description: 'events mode: where the HTTP listener for Dovecot/Cyrus new-mail events listens (keep it on loopback or a private network).',
+  }),
+  'events-secret-file': option({
+    group: 'Watching',
+    type: v.readableFile(),
+    commands: SERVE,
+    unsetMeans: 'no shared secret (loopback only)',
+    description: 'File holding the shared secret events must carry in the X-Xaps-Secret header (or Authorization: Bearer).',
+  }),
+  'instance-id': option({
+    group: 'Watching',
+    type: v.text({ placeholder: 'ID' }),
+    commands: SERVE,
+    unsetMeans: 'hostname and pid',
+    description: 'Name of this instance in watcher leases (several instances sharing Redis watch each user once).',
+  }),
+
   // ---- Certificate request: Apple's historical PushCertRequest flow (docs/certificates.md).
   // Used by `cert request|renew`, and by `serve` for auto-renewal when the vendor material is set.
   'cert-apple-id': option({
