@@ -1,84 +1,55 @@
 /**
- * Dovecot push_notification Lua driver that POSTs one JSON object per new message to an HTTP
- * endpoint (xaps-proxy's event webhook). The same script is meant to ship in deploy/.
+ * The Dovecot push_notification Lua driver that ships in deploy/dovecot/xaps-push.lua: tests and
+ * the demo install that very file (read here, never a copy), so what is tested is what ships.
+ *
+ * The file is found relative to the package root, which is two levels above this module both as
+ * src/testbed/push-lua.ts (tsx, vitest) and as dist/testbed/push-lua.js (compiled); the search
+ * walks up a few levels to the first directory holding deploy/dovecot/xaps-push.lua.
  *
  * Dovecot settings (2.3, plugins mail_lua notify push_notification push_notification_lua for
- * imap, lda and lmtp):
+ * imap, lda and lmtp; see deploy/dovecot/95-xaps-push.conf):
  *   plugin {
  *     push_notification_driver = lua:file=/path/to/xaps-push.lua
- *     push_lua_url = http://127.0.0.1:PORT/events      # required
- *     push_lua_token = SECRET                           # optional: "Authorization: Bearer SECRET"
+ *     xaps_push_url = http://127.0.0.1:PORT/events      # required
+ *     xaps_push_secret = SECRET                          # optional: "Authorization: Bearer SECRET"
  *   }
+ * The script also reads push_lua_url / push_lua_token (the names src/testbed/dovecot.ts writes)
+ * when the xaps_push_* settings are unset.
  *
- * Body: {"user","event","mailbox","uid","uidvalidity","from","subject"}; event is "MessageNew"
- * (LDA/LMTP delivery) or "MessageAppend" (IMAP APPEND/COPY into a mailbox).
+ * Body: {"user","event","mailbox","uid","uidvalidity","messages","from","subject"}; event is
+ * "MessageNew" (LDA/LMTP delivery) or "MessageAppend" (IMAP APPEND/COPY into a mailbox).
  */
-export const PUSH_LUA_SCRIPT = `-- xaps-push.lua: Dovecot push_notification Lua driver for xaps-proxy.
--- POSTs {"user","event","mailbox","uid","uidvalidity","from","subject"} as JSON to push_lua_url
--- for every MessageNew (delivery) and MessageAppend (IMAP APPEND) event.
--- Settings (plugin section): push_lua_url (required), push_lua_token (optional bearer token).
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-local function json_string(s)
-  s = tostring(s or "")
-  s = s:gsub('[%c"\\\\]', function(c) return string.format("\\\\u%04x", c:byte()) end)
-  return '"' .. s .. '"'
-end
+/** Path of the shipped script, relative to the package root. */
+export const PUSH_LUA_RELATIVE_PATH = path.join('deploy', 'dovecot', 'xaps-push.lua');
 
-local function json_int(n)
-  return string.format("%d", math.tointeger(n) or 0)
-end
+/** Plugin setting names the shipped script reads (primary, then the legacy fallback). */
+export const PUSH_LUA_SETTINGS = {
+  url: 'xaps_push_url',
+  secret: 'xaps_push_secret',
+  timeoutMsecs: 'xaps_push_timeout_msecs',
+  legacyUrl: 'push_lua_url',
+  legacySecret: 'push_lua_token',
+} as const;
 
-local client
-
-function script_init()
-  client = dovecot.http.client({ timeout = 5000, max_attempts = 1 })
-  return 0
-end
-
-function script_deinit()
-end
-
-function dovecot_lua_notify_begin_txn(user)
-  return {
-    user = user.username,
-    url = user:plugin_getenv("push_lua_url"),
-    token = user:plugin_getenv("push_lua_token"),
-    messages = {},
+/** The package root: the first ancestor of this module holding deploy/dovecot/xaps-push.lua. */
+export function packageRoot(): string {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  let dir = here;
+  for (let i = 0; i < 6; i++) {
+    if (existsSync(path.join(dir, PUSH_LUA_RELATIVE_PATH))) return dir;
+    const parent = path.dirname(dir);
+    if (parent === dir) break;
+    dir = parent;
   }
-end
+  throw new Error(`${PUSH_LUA_RELATIVE_PATH} not found above ${here} (is the deploy/ folder missing from the package?)`);
+}
 
-function dovecot_lua_notify_event_message_new(ctx, event)
-  table.insert(ctx.messages, event)
-end
+/** Absolute path of deploy/dovecot/xaps-push.lua. */
+export const PUSH_LUA_PATH: string = path.join(packageRoot(), PUSH_LUA_RELATIVE_PATH);
 
-function dovecot_lua_notify_event_message_append(ctx, event)
-  table.insert(ctx.messages, event)
-end
-
-function dovecot_lua_notify_end_txn(ctx, success)
-  if not success or ctx.url == nil or ctx.url == "" then
-    return
-  end
-  for _, e in ipairs(ctx.messages) do
-    local body = '{"user":' .. json_string(ctx.user) ..
-      ',"event":' .. json_string(e.name) ..
-      ',"mailbox":' .. json_string(e.mailbox) ..
-      ',"uid":' .. json_int(e.uid) ..
-      ',"uidvalidity":' .. json_int(e.uid_validity) ..
-      ',"from":' .. json_string(e.from) ..
-      ',"subject":' .. json_string(e.subject) .. '}'
-    local req = client:request({ url = ctx.url, method = "POST" })
-    req:add_header("content-type", "application/json")
-    if ctx.token ~= nil and ctx.token ~= "" then
-      req:add_header("authorization", "Bearer " .. ctx.token)
-    end
-    req:set_payload(body)
-    local resp = req:submit()
-    local status = resp:status()
-    if status < 200 or status > 299 then
-      dovecot.i_error("xaps-push.lua: HTTP " .. tostring(status) .. " from " .. ctx.url ..
-        " for " .. ctx.user .. " " .. tostring(e.mailbox))
-    end
-  end
-end
-`;
+/** The shipped script's text. */
+export const PUSH_LUA_SCRIPT: string = readFileSync(PUSH_LUA_PATH, 'utf8');
