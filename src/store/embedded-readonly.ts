@@ -21,6 +21,7 @@ import { EmbeddedStateReader, JOURNAL, LOCK, SNAPSHOT, loadState, readIfExists, 
 import {
   StoreCorruptError,
   StoreUnavailableError,
+  type MailboxStatus,
   type Registration,
   type RegistrationInput,
   type RegistrationStore,
@@ -157,6 +158,10 @@ export class EmbeddedReadOnlyStore extends EmbeddedStateReader implements Regist
 
   purgeExpired(_now?: number): Promise<number> {
     return this.reject('purgeExpired');
+  }
+
+  setMailboxState(_user: string, _mailbox: string, _status: MailboxStatus): Promise<void> {
+    return this.reject('setMailboxState');
   }
 
   protected checkOpen(): void {

@@ -17,24 +17,44 @@ import {
   validateUser,
 } from './common.js';
 import { FORMAT, corrupt, parseLines, type RecordBase } from './records.js';
-import type { Registration, RegistrationStore } from './types.js';
+import { mailboxStateRecord, parseMailboxStatus, type MailboxStatus, type Registration, type RegistrationStore } from './types.js';
 
 export const JOURNAL = 'store.journal';
 export const SNAPSHOT = 'store.snapshot';
 export const LOCK = 'store.lock';
 
-/** user → device token → registration (expired ones included until purged or compacted away). */
-export type State = Map<string, Map<string, Registration>>;
+/**
+ * regs: user → device token → registration (expired ones included until purged or compacted away).
+ * mbx:  user → mailbox → last status a watcher stored; only for users in `regs` (dropped with their last registration).
+ */
+export interface State {
+  regs: Map<string, Map<string, Registration>>;
+  mbx: Map<string, Map<string, MailboxStatus>>;
+}
+
+export function emptyState(): State {
+  return { regs: new Map(), mbx: new Map() };
+}
 
 export function setReg(state: State, reg: Registration): void {
-  let m = state.get(reg.user);
-  if (!m) state.set(reg.user, (m = new Map()));
+  let m = state.regs.get(reg.user);
+  if (!m) state.regs.set(reg.user, (m = new Map()));
   m.set(reg.deviceToken, reg);
 }
 
+/** Removes one registration; the user's last one takes the user's mailbox states with it. */
 export function deleteReg(state: State, user: string, token: string): void {
-  const m = state.get(user);
-  if (m && m.delete(token) && m.size === 0) state.delete(user);
+  const m = state.regs.get(user);
+  if (m && m.delete(token) && m.size === 0) {
+    state.regs.delete(user);
+    state.mbx.delete(user);
+  }
+}
+
+export function setMailboxStatus(state: State, user: string, mailbox: string, status: MailboxStatus): void {
+  let m = state.mbx.get(user);
+  if (!m) state.mbx.set(user, (m = new Map()));
+  m.set(mailbox, status);
 }
 
 export async function readIfExists(file: string): Promise<Buffer | null> {
@@ -74,7 +94,7 @@ export function loadState(
   journal: Buffer | null,
   files: { snapshot: string; journal: string },
 ): LoadedState {
-  const state: State = new Map();
+  const state = emptyState();
   const gen = snap ? loadSnapshot(snap, files.snapshot, state) : 0;
   const snapshotBytes = snap?.length ?? 0;
   if (journal === null) {
@@ -125,7 +145,9 @@ function loadSnapshot(buf: Buffer, file: string, state: State): number {
     throw corrupt(file, start, 'snapshot records do not match the SHA-256 in its header');
   }
   for (const line of parsed.lines) {
-    if (line.rec.type !== 'reg.put') throw corrupt(file, line.offset, `unexpected record type "${line.rec.type}" in a snapshot`);
+    if (line.rec.type !== 'reg.put' && line.rec.type !== 'mbx.put') {
+      throw corrupt(file, line.offset, `unexpected record type "${line.rec.type}" in a snapshot`);
+    }
     applyRecord(state, line.rec, file, line.offset);
   }
   return gen as number;
@@ -150,7 +172,8 @@ function readJournal(buf: Buffer, file: string): { gen: number; replay: Array<{ 
   return out;
 }
 
-function applyRecord(state: State, rec: RecordBase, file: string, offset: number): void {
+/** Applies one journal or snapshot record to `state` (also how the writer updates memory after an fsync). */
+export function applyRecord(state: State, rec: RecordBase, file: string, offset: number): void {
   switch (rec.type) {
     case 'reg.put': {
       const reg = parseRegistration(rec.reg);
@@ -161,6 +184,14 @@ function applyRecord(state: State, rec: RecordBase, file: string, offset: number
     case 'reg.del': {
       if (typeof rec.user !== 'string' || typeof rec.token !== 'string') throw corrupt(file, offset, 'malformed delete record');
       deleteReg(state, rec.user, rec.token);
+      return;
+    }
+    case 'mbx.put': {
+      const status = parseMailboxStatus(rec.status);
+      if (typeof rec.user !== 'string' || typeof rec.mailbox !== 'string' || rec.mailbox === '' || !status) {
+        throw corrupt(file, offset, 'malformed mailbox state record');
+      }
+      setMailboxStatus(state, rec.user, rec.mailbox, status);
       return;
     }
     case 'journal':
@@ -176,7 +207,7 @@ function applyRecord(state: State, rec: RecordBase, file: string, offset: number
  * state is kept (the writable store replaces it on compaction) and say in `checkOpen` whether reads are allowed.
  */
 export abstract class EmbeddedStateReader
-  implements Pick<RegistrationStore, 'kind' | 'get' | 'listByUser' | 'listUsers' | 'listAll' | 'counts'> {
+  implements Pick<RegistrationStore, 'kind' | 'get' | 'listByUser' | 'listUsers' | 'listAll' | 'counts' | 'getMailboxStates'> {
   readonly kind = 'embedded' as const;
   protected readonly ttlMs: number;
   protected readonly clock: () => number;
@@ -194,14 +225,26 @@ export abstract class EmbeddedStateReader
   /** Registrations held, expired ones included. */
   protected size(): number {
     let n = 0;
-    for (const m of this.state.values()) n += m.size;
+    for (const m of this.state.regs.values()) n += m.size;
     return n;
+  }
+
+  /** Users with stored mailbox states. */
+  protected mailboxStateUsers(): number {
+    return this.state.mbx.size;
+  }
+
+  async getMailboxStates(user: string): Promise<Record<string, MailboxStatus>> {
+    this.checkOpen();
+    validateUser(user);
+    const m = this.state.mbx.get(user);
+    return mailboxStateRecord([...(m ?? [])].map(([mailbox, s]) => [mailbox, { uidValidity: s.uidValidity, uidNext: s.uidNext, messages: s.messages }] as const));
   }
 
   async get(user: string, deviceToken: string): Promise<Registration | null> {
     this.checkOpen();
     validateUser(user);
-    const reg = this.state.get(user)?.get(normalizeToken(deviceToken));
+    const reg = this.state.regs.get(user)?.get(normalizeToken(deviceToken));
     return reg && isLive(reg, this.ttlMs, this.clock()) ? copyRegistration(reg) : null;
   }
 
@@ -210,7 +253,7 @@ export abstract class EmbeddedStateReader
     validateUser(user);
     const now = this.clock();
     const out: Registration[] = [];
-    for (const reg of this.state.get(user)?.values() ?? []) {
+    for (const reg of this.state.regs.get(user)?.values() ?? []) {
       if (isLive(reg, this.ttlMs, now)) out.push(copyRegistration(reg));
     }
     return out.sort(compareRegistrations);
@@ -220,7 +263,7 @@ export abstract class EmbeddedStateReader
     this.checkOpen();
     const now = this.clock();
     const out: string[] = [];
-    for (const [user, m] of this.state) {
+    for (const [user, m] of this.state.regs) {
       for (const reg of m.values()) {
         if (isLive(reg, this.ttlMs, now)) {
           out.push(user);
@@ -235,7 +278,7 @@ export abstract class EmbeddedStateReader
     this.checkOpen();
     const now = this.clock();
     const out: Registration[] = [];
-    for (const m of this.state.values()) {
+    for (const m of this.state.regs.values()) {
       for (const reg of m.values()) if (isLive(reg, this.ttlMs, now)) out.push(copyRegistration(reg));
     }
     return out.sort(compareRegistrations);
@@ -246,7 +289,7 @@ export abstract class EmbeddedStateReader
     const now = this.clock();
     let users = 0;
     let registrations = 0;
-    for (const m of this.state.values()) {
+    for (const m of this.state.regs.values()) {
       let n = 0;
       for (const reg of m.values()) if (isLive(reg, this.ttlMs, now)) n++;
       if (n > 0) users++;

@@ -7,6 +7,10 @@
  *
  * Writes are queued; the single writer takes everything queued, appends it to the journal in one write and one
  * fdatasync (group commit), then updates memory and resolves the callers: an upsert resolves only once fsync'ed.
+ * Mailbox states (setMailboxState, the watchers' last STATUS per mailbox) take the same path: `mbx.put` lines,
+ * batched with everything else, resolved only once fsync'ed; a status equal to the stored one writes nothing, and a
+ * user without stored registrations gets none (the call resolves, nothing is written). A user's states are dropped
+ * with the user's last registration (the `reg.del` implies it; compaction keeps only the states of users it keeps).
  * When the journal outgrows max(compactMinBytes, last snapshot size), the writer compacts: snapshot of G+1 to a temp
  * file, fsync, rename, directory fsync; then a fresh journal of G+1 the same way. On open, a journal older than the
  * snapshot (crash between the two renames) is ignored, as its content is in the snapshot.
@@ -35,16 +39,21 @@ import {
   EmbeddedStateReader,
   JOURNAL,
   SNAPSHOT,
-  deleteReg,
+  applyRecord,
+  emptyState,
   loadState,
   readIfExists,
+  setMailboxStatus,
   setReg,
   type State,
 } from './embedded-state.js';
 import { acquireDirLock, type DirLock } from './lock.js';
-import { FORMAT, encodeLine } from './records.js';
+import { FORMAT, encodeLine, type RecordBase } from './records.js';
 import {
   StoreUnavailableError,
+  checkMailboxStateInput,
+  sameMailboxStatus,
+  type MailboxStatus,
   type Registration,
   type RegistrationInput,
   type RegistrationStore,
@@ -67,7 +76,8 @@ interface Pending<T> { resolve: (v: T) => void; reject: (e: unknown) => void }
 type Intent =
   | ({ kind: 'upsert'; reg: Fields; now: number } & Pending<{ created: boolean; registration: Registration }>)
   | ({ kind: 'remove'; user: string; token: string; unlessSeenAfter: number | undefined; now: number } & Pending<boolean>)
-  | ({ kind: 'purge'; now: number } & Pending<number>);
+  | ({ kind: 'purge'; now: number } & Pending<number>)
+  | ({ kind: 'mbx'; user: string; mailbox: string; status: MailboxStatus } & Pending<void>);
 
 function regKey(user: string, token: string): string {
   return JSON.stringify([user, token]);
@@ -205,7 +215,10 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
       const store = new EmbeddedRegistrationStore({
         dir, opts, log, lock, state, gen, journal, journalSize, snapshotSize: loaded.snapshotBytes,
       });
-      log.info({ dir, registrations: store.size(), journalBytes: journalSize }, 'embedded registration store opened');
+      log.info(
+        { dir, registrations: store.size(), mailboxStateUsers: store.mailboxStateUsers(), journalBytes: journalSize },
+        'embedded registration store opened',
+      );
       if (store.compactDue()) {
         // An optimisation only: on failure the store still works from the journal it has.
         await store.compact().catch((err: unknown) => log.warn({ err: String(err) }, 'compaction at open failed'));
@@ -248,6 +261,20 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
   purgeExpired(now?: number): Promise<number> {
     const at = now ?? this.clock();
     return new Promise((resolve, reject) => this.enqueue({ kind: 'purge', now: at, resolve, reject }));
+  }
+
+  /**
+   * Stores the last status seen of one mailbox; resolves once fsync'ed (batched with other writes). A no-op for a user
+   * without stored registrations, and when the status equals the stored one.
+   */
+  setMailboxState(user: string, mailbox: string, status: MailboxStatus): Promise<void> {
+    let st: MailboxStatus;
+    try {
+      st = checkMailboxStateInput(user, mailbox, status);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return new Promise((resolve, reject) => this.enqueue({ kind: 'mbx', user, mailbox, status: st, resolve, reject }));
   }
 
   /** Rewrites the state into a new snapshot and an empty journal (also done automatically). */
@@ -311,12 +338,45 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
       for (const i of batch) i.reject(err);
       return;
     }
+    // What the batch changed so far (decisions see memory + earlier intents): registrations by (user, token), with
+    // the tokens touched per user, and mailbox states (users whose states an emptied user dropped are in mbxCleared).
     const overlay = new Map<string, Registration | null>();
+    const touched = new Map<string, Set<string>>();
+    const mbxOverlay = new Map<string, Map<string, MailboxStatus>>();
+    const mbxCleared = new Set<string>();
     const lookup = (user: string, token: string): Registration | null => {
       const k = regKey(user, token);
-      return overlay.has(k) ? (overlay.get(k) as Registration | null) : this.state.get(user)?.get(token) ?? null;
+      return overlay.has(k) ? (overlay.get(k) as Registration | null) : this.state.regs.get(user)?.get(token) ?? null;
     };
+    const setOverlay = (user: string, token: string, reg: Registration | null): void => {
+      overlay.set(regKey(user, token), reg);
+      let t = touched.get(user);
+      if (!t) touched.set(user, (t = new Set()));
+      t.add(token);
+    };
+    /** Whether the user has any stored registration (live or not yet purged). */
+    const hasRegs = (user: string): boolean => {
+      const t = touched.get(user);
+      if (t) for (const token of t) if (overlay.get(regKey(user, token)) !== null) return true;
+      for (const token of this.state.regs.get(user)?.keys() ?? []) if (!t?.has(token)) return true;
+      return false;
+    };
+    const afterDelete = (user: string): void => {
+      if (hasRegs(user)) return;
+      mbxOverlay.delete(user);
+      mbxCleared.add(user);
+    };
+    const storedStatus = (user: string, mailbox: string): MailboxStatus | undefined => {
+      const o = mbxOverlay.get(user)?.get(mailbox);
+      if (o !== undefined || mbxCleared.has(user)) return o;
+      return this.state.mbx.get(user)?.get(mailbox);
+    };
+    const records: RecordBase[] = [];
     const lines: Buffer[] = [];
+    const write = (rec: RecordBase): void => {
+      records.push(rec);
+      lines.push(encodeLine(rec));
+    };
     const results: Array<() => void> = [];
     for (const intent of batch) {
       switch (intent.kind) {
@@ -324,8 +384,8 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
           const old = lookup(intent.reg.user, intent.reg.deviceToken);
           const live = old !== null && isLive(old, this.ttlMs, intent.now);
           const reg: Registration = { ...intent.reg, firstSeen: live ? old.firstSeen : intent.now, lastSeen: intent.now };
-          overlay.set(regKey(reg.user, reg.deviceToken), reg);
-          lines.push(encodeLine({ type: 'reg.put', reg }));
+          setOverlay(reg.user, reg.deviceToken, reg);
+          write({ type: 'reg.put', reg });
           const res = { created: !live, registration: copyRegistration(reg) };
           results.push(() => intent.resolve(res));
           break;
@@ -335,32 +395,48 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
           let removed = false;
           if (old !== null && (intent.unlessSeenAfter === undefined || old.lastSeen <= intent.unlessSeenAfter)) {
             removed = isLive(old, this.ttlMs, intent.now);
-            overlay.set(regKey(intent.user, intent.token), null);
-            lines.push(encodeLine({ type: 'reg.del', user: intent.user, token: intent.token }));
+            setOverlay(intent.user, intent.token, null);
+            write({ type: 'reg.del', user: intent.user, token: intent.token });
+            afterDelete(intent.user);
           }
           results.push(() => intent.resolve(removed));
           break;
         }
         case 'purge': {
           let n = 0;
+          const emptied = new Set<string>();
           const consider = (reg: Registration | null): void => {
             if (reg !== null && !isLive(reg, this.ttlMs, intent.now)) {
-              overlay.set(regKey(reg.user, reg.deviceToken), null);
-              lines.push(encodeLine({ type: 'reg.del', user: reg.user, token: reg.deviceToken }));
+              setOverlay(reg.user, reg.deviceToken, null);
+              write({ type: 'reg.del', user: reg.user, token: reg.deviceToken });
+              emptied.add(reg.user);
               n++;
             }
           };
-          for (const m of this.state.values()) {
+          for (const m of this.state.regs.values()) {
             for (const reg of m.values()) {
               const k = regKey(reg.user, reg.deviceToken);
               consider(overlay.has(k) ? (overlay.get(k) as Registration | null) : reg);
             }
           }
           for (const [k, reg] of [...overlay]) {
-            if (reg !== null && !this.state.get(reg.user)?.has(reg.deviceToken) && overlay.get(k) === reg) consider(reg);
+            if (reg !== null && !this.state.regs.get(reg.user)?.has(reg.deviceToken) && overlay.get(k) === reg) consider(reg);
           }
+          for (const user of emptied) afterDelete(user);
           if (n > 0) this.log.info({ purged: n }, 'purged expired registrations');
           results.push(() => intent.resolve(n));
+          break;
+        }
+        case 'mbx': {
+          const { user, mailbox, status } = intent;
+          const old = storedStatus(user, mailbox);
+          if (hasRegs(user) && (old === undefined || !sameMailboxStatus(old, status))) {
+            let m = mbxOverlay.get(user);
+            if (!m) mbxOverlay.set(user, (m = new Map()));
+            m.set(mailbox, status);
+            write({ type: 'mbx.put', user, mailbox, status });
+          }
+          results.push(() => intent.resolve());
           break;
         }
       }
@@ -375,12 +451,16 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
         return;
       }
     }
-    for (const [k, reg] of overlay) {
-      if (reg !== null) setReg(this.state, reg);
-      else {
-        const [user, token] = JSON.parse(k) as [string, string];
-        deleteReg(this.state, user, token);
-      }
+    // Memory follows the journal exactly: the records just written, applied in order as a replay would.
+    try {
+      for (const rec of records) applyRecord(this.state, rec, this.journalFile, -1);
+    } catch (err) {
+      // A bug guard (we wrote these records ourselves): memory and journal may now disagree, so rewrite before
+      // taking more writes, and acknowledge nothing of this batch.
+      this.fail(err as Error);
+      const e = new StoreUnavailableError(`embedded store could not apply its own journal records: ${(err as Error).message}`);
+      for (const i of batch) i.reject(e);
+      return;
     }
     for (const r of results) r();
   }
@@ -438,17 +518,28 @@ export class EmbeddedRegistrationStore extends EmbeddedStateReader implements Re
   private async compactNow(): Promise<void> {
     const gen = this.gen + 1;
     const now = this.clock();
-    const live: State = new Map();
+    const live: State = emptyState();
     const body: Buffer[] = [];
-    const users = [...this.state.keys()].sort(compareStrings);
+    const users = [...this.state.regs.keys()].sort(compareStrings);
     let records = 0;
     for (const user of users) {
-      const m = this.state.get(user) as Map<string, Registration>;
+      const m = this.state.regs.get(user) as Map<string, Registration>;
       for (const token of [...m.keys()].sort(compareStrings)) {
         const reg = m.get(token) as Registration;
         if (!isLive(reg, this.ttlMs, now)) continue;
         setReg(live, reg);
         body.push(encodeLine({ type: 'reg.put', reg }));
+        records++;
+      }
+    }
+    // Mailbox states after every registration, only for the users kept.
+    for (const user of users) {
+      const m = this.state.mbx.get(user);
+      if (!m || !live.regs.has(user)) continue;
+      for (const mailbox of [...m.keys()].sort(compareStrings)) {
+        const status = m.get(mailbox) as MailboxStatus;
+        setMailboxStatus(live, user, mailbox, status);
+        body.push(encodeLine({ type: 'mbx.put', user, mailbox, status }));
         records++;
       }
     }

@@ -4,11 +4,19 @@
  *   <crc32 of JSON, 8 lowercase hex> <space> <JSON object> <LF>
  *
  * and every JSON object has a string `type`. Files:
- *   store.journal   first line {"type":"journal","format":1,"gen":G}, then one line per mutation
- *                   ({"type":"reg.put","reg":{…}} or {"type":"reg.del","user":…,"token":…}); appended, fsync'ed.
+ *   store.journal   first line {"type":"journal","format":1,"gen":G}, then one line per mutation, appended, fsync'ed:
+ *                     {"type":"reg.put","reg":{…}}                          a registration, inserted or replaced
+ *                     {"type":"reg.del","user":…,"token":…}                 a registration removed; when it was the
+ *                                                                           user's last one, the user's mailbox
+ *                                                                           states go with it (no line of their own)
+ *                     {"type":"mbx.put","user":…,"mailbox":…,               the last STATUS a watcher saw of one
+ *                      "status":{"uidValidity":V,"uidNext":N,"messages":M}} mailbox (MailboxStateStore), replaced
  *   store.snapshot  first line {"type":"snapshot","format":1,"gen":G,"records":N,"bodyBytes":B,"sha256":…}, then N
- *                   put lines (B bytes whose SHA-256 is given), written to a temp file, fsync'ed, renamed.
- * Later record types (watcher state, leases) are new `type` values with their own put/del lines.
+ *                   put lines (B bytes whose SHA-256 is given): every live reg.put, then the mbx.put lines of the
+ *                   users that have one; written to a temp file, fsync'ed, renamed.
+ * `mbx.put` was added without changing `format`: files without it (older versions) load unchanged; a file with it
+ * is refused by an older version as "unknown record type" (no silent loss on a downgrade). Later record types are new
+ * `type` values the same way.
  */
 import { crc32 } from './crc32.js';
 import { StoreCorruptError } from './types.js';

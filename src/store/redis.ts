@@ -6,11 +6,15 @@
  *
  *   xaps:{u:<user>}:regs    hash  deviceToken -> registration JSON, always starting `{"firstSeen":F,"lastSeen":L,`
  *   xaps:{u:<user>}:seen    zset  deviceToken -> lastSeen (ms): drives expiry; kept in step with :regs by the scripts
+ *   xaps:{u:<user>}:mbx     hash  mailbox (UTF-8) -> last STATUS a watcher saw, JSON {"uidValidity","uidNext","messages"}
+ *                                 (MailboxStateStore); written only while :seen exists, deleted by the remove/purge
+ *                                 scripts when they empty :seen — atomically, as all three share the slot
  *   xaps:users              zset  user -> newest lastSeen seen for that user (ZADD GT): the global users index
+ * Other per-user keys under the same tag, owned elsewhere: `:lease` (src/watch/leases.ts, which instance watches the
+ * user) and `:chg:<changeId>` (src/apns/change-guard.ts).
  *
  * `<user>` is the username with `%`, `{`, `}` and control characters percent-encoded, so the hash tag is always well
- * formed whatever the name contains. Later per-user state (watcher UIDNEXTs, leases) belongs under the same tag
- * (`xaps:{u:<user>}:…`).
+ * formed whatever the name contains. Later per-user state belongs under the same tag (`xaps:{u:<user>}:…`).
  *
  * The users index lives in another slot, so it is maintained separately and idempotently: an upsert adds the user
  * before and after its per-user write (so a crash in between, or a concurrent remove of the last registration,
@@ -41,6 +45,10 @@ import {
 import { parseRedisUrl, redactRedisUrl, type RedisTarget } from './redis-url.js';
 import {
   StoreUnavailableError,
+  checkMailboxStateInput,
+  mailboxStateRecord,
+  parseMailboxStatus,
+  type MailboxStatus,
   type Registration,
   type RegistrationInput,
   type RegistrationStore,
@@ -98,7 +106,10 @@ local purged = purge(KEYS[1], KEYS[2], cutoff)
 return {created, first, purged}
 `;
 
-/** KEYS: regs, seen. ARGV: token, cutoff, unlessSeenAfter ('' = unconditional). Returns {removed, remaining}. */
+/**
+ * KEYS: regs, seen, mbx. ARGV: token, cutoff, unlessSeenAfter ('' = unconditional). Returns {removed, remaining}.
+ * The user's mailbox states go when the last registration does.
+ */
 const LUA_REMOVE = `${LUA_PURGE_FN}
 local token, cutoff = ARGV[1], ARGV[2]
 local removed = 0
@@ -114,20 +125,32 @@ else
   redis.call('HDEL', KEYS[1], token)
 end
 purge(KEYS[1], KEYS[2], cutoff)
-return {removed, redis.call('ZCARD', KEYS[2])}
+local remaining = redis.call('ZCARD', KEYS[2])
+if remaining == 0 then redis.call('DEL', KEYS[3]) end
+return {removed, remaining}
 `;
 
-/** KEYS: regs, seen. ARGV: cutoff. Returns {purged, remaining}. */
+/** KEYS: regs, seen, mbx. ARGV: cutoff. Returns {purged, remaining}; an emptied user loses its mailbox states. */
 const LUA_PURGE = `${LUA_PURGE_FN}
 local n = purge(KEYS[1], KEYS[2], ARGV[1])
-return {n, redis.call('ZCARD', KEYS[2])}
+local remaining = redis.call('ZCARD', KEYS[2])
+if remaining == 0 then redis.call('DEL', KEYS[3]) end
+return {n, remaining}
+`;
+
+/** KEYS: seen, mbx. ARGV: mailbox, status JSON. Stores it only for a user with registrations; returns 1 if stored. */
+const LUA_SET_STATE = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
 `;
 
 type Client = Redis | Cluster;
 interface ScriptedClient {
   xapsUpsert(regs: string, seen: string, token: string, now: string, cutoff: string, body: string): Promise<[number, string, number]>;
-  xapsRemove(regs: string, seen: string, token: string, cutoff: string, unlessSeenAfter: string): Promise<[number, number]>;
-  xapsPurge(regs: string, seen: string, cutoff: string): Promise<[number, number]>;
+  xapsRemove(regs: string, seen: string, mbx: string, token: string, cutoff: string, unlessSeenAfter: string): Promise<[number, number]>;
+  xapsPurge(regs: string, seen: string, mbx: string, cutoff: string): Promise<[number, number]>;
+  xapsSetState(seen: string, mbx: string, mailbox: string, status: string): Promise<number>;
 }
 
 /** Percent-encodes what would break a `{…}` hash tag (and control characters, for readable keys). */
@@ -136,9 +159,15 @@ export function encodeUserForKey(user: string): string {
 }
 
 /** The key names used for one user (exported for tests and future per-user state). */
-export function userKeys(prefix: string, user: string): { tag: string; regs: string; seen: string } {
+export function userKeys(prefix: string, user: string): { tag: string; regs: string; seen: string; mbx: string; lease: string } {
   const tag = `{u:${encodeUserForKey(user)}}`;
-  return { tag, regs: `${prefix}:${tag}:regs`, seen: `${prefix}:${tag}:seen` };
+  return {
+    tag,
+    regs: `${prefix}:${tag}:regs`,
+    seen: `${prefix}:${tag}:seen`,
+    mbx: `${prefix}:${tag}:mbx`,
+    lease: `${prefix}:${tag}:lease`,
+  };
 }
 
 function errMessage(err: unknown): string {
@@ -191,8 +220,10 @@ export class RedisRegistrationStore implements RegistrationStore {
     const client = buildClient(target, opts);
     const store = new RedisRegistrationStore(client, opts, where, log);
     store.watchConnection();
-    for (const [name, lua] of [['xapsUpsert', LUA_UPSERT], ['xapsRemove', LUA_REMOVE], ['xapsPurge', LUA_PURGE]] as const) {
-      client.defineCommand(name, { numberOfKeys: 2, lua });
+    for (const [name, lua, numberOfKeys] of [
+      ['xapsUpsert', LUA_UPSERT, 2], ['xapsRemove', LUA_REMOVE, 3], ['xapsPurge', LUA_PURGE, 3], ['xapsSetState', LUA_SET_STATE, 2],
+    ] as const) {
+      client.defineCommand(name, { numberOfKeys, lua });
     }
     const waitMs = opts.connectWaitMs ?? 10_000;
     if (waitMs > 0) {
@@ -271,7 +302,7 @@ export class RedisRegistrationStore implements RegistrationStore {
     });
   }
 
-  private keys(user: string): { regs: string; seen: string } {
+  private keys(user: string): { regs: string; seen: string; mbx: string } {
     return userKeys(this.prefix, user);
   }
 
@@ -375,11 +406,11 @@ export class RedisRegistrationStore implements RegistrationStore {
     if (unlessSeenAfter !== undefined && (typeof unlessSeenAfter !== 'number' || !Number.isFinite(unlessSeenAfter))) {
       throw new TypeError('unlessSeenAfter must be ms since epoch');
     }
-    const { regs, seen } = this.keys(user);
+    const { regs, seen, mbx } = this.keys(user);
     const cutoff = this.clock() - this.ttlMs;
     return this.run('remove', async () => {
       const [removed, remaining] = await this.scripts.xapsRemove(
-        regs, seen, token, String(cutoff), unlessSeenAfter === undefined ? '' : String(Math.floor(unlessSeenAfter)),
+        regs, seen, mbx, token, String(cutoff), unlessSeenAfter === undefined ? '' : String(Math.floor(unlessSeenAfter)),
       );
       if (Number(remaining) === 0) await this.dropUserFromIndex(user);
       return Number(removed) === 1;
@@ -404,8 +435,8 @@ export class RedisRegistrationStore implements RegistrationStore {
         const users: string[] = [];
         for (let i = 0; i < flat.length; i += 2) users.push(flat[i] as string);
         const results = await mapLimit(users, 16, async (u) => {
-          const { regs, seen } = this.keys(u);
-          const [purged, remaining] = await this.scripts.xapsPurge(regs, seen, String(cutoff));
+          const { regs, seen, mbx } = this.keys(u);
+          const [purged, remaining] = await this.scripts.xapsPurge(regs, seen, mbx, String(cutoff));
           if (Number(remaining) === 0) await this.dropUserFromIndex(u);
           return Number(purged);
         });
@@ -429,6 +460,32 @@ export class RedisRegistrationStore implements RegistrationStore {
       }
       return { users, registrations };
     });
+  }
+
+  async getMailboxStates(user: string): Promise<Record<string, MailboxStatus>> {
+    validateUser(user);
+    const all = await this.run('getMailboxStates', () => this.client.hgetall(this.keys(user).mbx), true);
+    const out: Array<[string, MailboxStatus]> = [];
+    for (const [mailbox, raw] of Object.entries(all)) {
+      let v: unknown;
+      try {
+        v = JSON.parse(raw);
+      } catch {
+        v = undefined;
+      }
+      const status = parseMailboxStatus(v);
+      if (status) out.push([mailbox, status]);
+      else this.log.warn('ignoring an unreadable mailbox state in Redis');
+    }
+    return mailboxStateRecord(out);
+  }
+
+  /** HSET on :mbx, only while the user has registrations (one script: atomic with remove/purge). */
+  async setMailboxState(user: string, mailbox: string, status: MailboxStatus): Promise<void> {
+    const st = checkMailboxStateInput(user, mailbox, status);
+    const { seen, mbx } = this.keys(user);
+    const json = JSON.stringify({ uidValidity: st.uidValidity, uidNext: st.uidNext, messages: st.messages });
+    await this.run('setMailboxState', () => this.scripts.xapsSetState(seen, mbx, mailbox, json), true);
   }
 
   async ping(): Promise<void> {

@@ -3,6 +3,9 @@
  * See shared/docs/protocol-notes.md (a) "Identity": a re-added account keeps its token but gets a new
  * aps-account-id, so the row for (user, token) is replaced; the same token under two users is two rows.
  */
+import type { MailboxStateStore, MailboxStatus } from '../watch/types.js';
+
+export type { MailboxStateStore, MailboxStatus };
 
 /** A pushed mailbox as confirmed to the device. */
 export interface MailboxRef {
@@ -33,7 +36,16 @@ export interface Registration {
 /** What a caller hands to `upsert`; `now` (ms since epoch) defaults to the store's clock. */
 export type RegistrationInput = Omit<Registration, 'firstSeen' | 'lastSeen'> & { now?: number };
 
-export interface RegistrationStore {
+/**
+ * Every store also keeps the watchers' last seen STATUS per mailbox (MailboxStateStore, src/watch/types.ts), next to
+ * the user's registrations:
+ *   - getMailboxStates(user): mailbox name -> last status stored ({} when none);
+ *   - setMailboxState(user, mailbox, status): resolves once durably stored (like upsert; rejects StoreUnavailableError,
+ *     TypeError for malformed input). A no-op for a user without stored registrations, so that a watcher racing the
+ *     removal of the last registration cannot leave orphaned state behind;
+ *   - the states of a user are dropped with the user's last registration (remove, purgeExpired, compaction).
+ */
+export interface RegistrationStore extends MailboxStateStore {
   readonly kind: 'redis' | 'embedded';
   /** Insert or replace by (user, deviceToken). Resolves ONLY once durably stored; rejects (StoreUnavailableError) otherwise. */
   upsert(input: RegistrationInput): Promise<{ created: boolean; registration: Registration }>;
@@ -93,3 +105,43 @@ export class StoreLockedError extends Error {
 
 /** 30 days. */
 export const DEFAULT_TTL_MS = 30 * 24 * 60 * 60 * 1000;
+
+function isCount(n: unknown): n is number {
+  return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+}
+
+/**
+ * A stored mailbox status (JSON already decoded) as a fresh MailboxStatus; null when it does not have the shape of
+ * one. Unknown extra fields are ignored (forward compatibility).
+ */
+export function parseMailboxStatus(v: unknown): MailboxStatus | null {
+  if (v === null || typeof v !== 'object') return null;
+  const o = v as Record<string, unknown>;
+  if (!isCount(o.uidValidity) || !isCount(o.uidNext) || !isCount(o.messages)) return null;
+  return { uidValidity: o.uidValidity, uidNext: o.uidNext, messages: o.messages };
+}
+
+/** Checks setMailboxState's arguments (TypeError) and returns a copy of the status with only its own fields. */
+export function checkMailboxStateInput(user: unknown, mailbox: unknown, status: unknown): MailboxStatus {
+  if (typeof user !== 'string' || user.length === 0) throw new TypeError('mailbox state user must be a non-empty string');
+  if (typeof mailbox !== 'string' || mailbox.length === 0) throw new TypeError('mailbox state mailbox must be a non-empty string');
+  const s = parseMailboxStatus(status);
+  if (!s) throw new TypeError('mailbox status must be {uidValidity, uidNext, messages}, non-negative integers');
+  return s;
+}
+
+/**
+ * The result of getMailboxStates: a null-prototype record, so that a mailbox named like an Object.prototype member
+ * ("constructor", "toString", "__proto__") reads as absent or as its own entry, never as an inherited value.
+ */
+export function mailboxStateRecord(entries: Iterable<readonly [string, MailboxStatus]>): Record<string, MailboxStatus> {
+  const out = Object.create(null) as Record<string, MailboxStatus>;
+  for (const [mailbox, status] of entries) {
+    Object.defineProperty(out, mailbox, { value: status, enumerable: true, writable: true, configurable: true });
+  }
+  return out;
+}
+
+export function sameMailboxStatus(a: MailboxStatus, b: MailboxStatus): boolean {
+  return a.uidValidity === b.uidValidity && a.uidNext === b.uidNext && a.messages === b.messages;
+}

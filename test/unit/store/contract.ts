@@ -5,7 +5,7 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { mailboxRef } from '../../../src/store/common.js';
-import type { Registration, RegistrationInput, RegistrationStore } from '../../../src/store/types.js';
+import type { MailboxStatus, Registration, RegistrationInput, RegistrationStore } from '../../../src/store/types.js';
 
 export interface ContractStore {
   store: RegistrationStore;
@@ -298,4 +298,135 @@ export function storeContract(name: string, makeStore: MakeStore): void {
       expect(fields(got as Registration)).toEqual(fields(same[0]?.registration as Registration));
     });
   });
+
+  describe(`${name}: MailboxStateStore contract`, () => {
+    const TTL = CONTRACT_TTL_MS;
+    let store: RegistrationStore;
+    let cleanup: () => Promise<void>;
+
+    beforeEach(async () => {
+      ({ store, cleanup } = await makeStore({ ttlMs: TTL }));
+    });
+    afterEach(async () => {
+      await cleanup();
+    });
+
+    it('stores the last status per mailbox and reads it back', async () => {
+      expect(await store.getMailboxStates('alice')).toEqual({});
+      await store.upsert(inputFor('alice', 1));
+      expect(await store.getMailboxStates('alice')).toEqual({});
+      await store.setMailboxState('alice', 'INBOX', status(1, 10, 9));
+      await store.setMailboxState('alice', 'Archive', status(2, 5, 4));
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(1, 10, 9), Archive: status(2, 5, 4) });
+      await store.setMailboxState('alice', 'INBOX', status(1, 11, 10));
+      await store.setMailboxState('alice', 'INBOX', status(1, 11, 10)); // unchanged: fine
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(1, 11, 10), Archive: status(2, 5, 4) });
+      expect(await store.getMailboxStates('bob')).toEqual({});
+      // states do not disturb the registrations
+      expect(await store.counts()).toEqual({ users: 1, registrations: 1 });
+      expect(await store.listUsers()).toEqual(['alice']);
+    });
+
+    it('keeps unicode and odd mailbox names and users with braces apart and intact', async () => {
+      const users = ['a{b}c', '{', '%7B', 'ünï😀', 'xaps:{u:evil}:mbx'];
+      const names = ['INBOX', 'Entwürfe', '日本語', '📥 Eingang', 'Sent "quoted"', 'a\\b', 'Ärger/Sub', '&AMQ-', '__proto__', 'constructor'];
+      for (const [i, user] of users.entries()) await store.upsert(inputFor(user, i));
+      for (const [i, user] of users.entries()) {
+        for (const [j, name] of names.entries()) await store.setMailboxState(user, name, status(i + 1, j + 1, j));
+      }
+      for (const [i, user] of users.entries()) {
+        const got = await store.getMailboxStates(user);
+        expect(Object.keys(got).sort()).toEqual([...names].sort());
+        for (const [j, name] of names.entries()) expect(Object.getOwnPropertyDescriptor(got, name)?.value).toEqual(status(i + 1, j + 1, j));
+      }
+      // a mailbox named like an Object.prototype member reads as absent until stored
+      const alice = await store.upsert(inputFor('alice', 99));
+      expect(alice.created).toBe(true);
+      const none = await store.getMailboxStates('alice');
+      expect(none.toString).toBeUndefined();
+      expect(none.constructor).toBeUndefined();
+      expect(Object.keys(none)).toEqual([]);
+    });
+
+    it('ignores states of users without registrations (no orphans)', async () => {
+      await store.setMailboxState('nobody', 'INBOX', status(1, 2, 1));
+      expect(await store.getMailboxStates('nobody')).toEqual({});
+      await store.upsert(inputFor('nobody', 1));
+      expect(await store.getMailboxStates('nobody')).toEqual({});
+    });
+
+    it('drops the states with the last registration removed, not before', async () => {
+      const now = Date.now();
+      await store.upsert(inputFor('alice', 1, { now }));
+      await store.upsert(inputFor('alice', 2, { now }));
+      await store.upsert(inputFor('bob', 3, { now }));
+      await store.setMailboxState('alice', 'INBOX', status(7, 100, 99));
+      await store.setMailboxState('bob', 'INBOX', status(8, 3, 2));
+      expect(await store.remove('alice', tokenFor(1))).toBe(true);
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(7, 100, 99) });
+      expect(await store.remove('alice', tokenFor(2))).toBe(true);
+      expect(await store.getMailboxStates('alice')).toEqual({});
+      expect(await store.getMailboxStates('bob')).toEqual({ INBOX: status(8, 3, 2) });
+      // a user who comes back starts without states
+      await store.upsert(inputFor('alice', 1, { now }));
+      expect(await store.getMailboxStates('alice')).toEqual({});
+      // a remove (unlessSeenAfter) that removes nothing keeps them
+      await store.setMailboxState('alice', 'INBOX', status(7, 101, 100));
+      expect(await store.remove('alice', tokenFor(1), { unlessSeenAfter: now - 1 })).toBe(false);
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(7, 101, 100) });
+    });
+
+    it('drops the states of users whose registrations were all purged', async () => {
+      const now = Date.now();
+      const old = now - TTL - 60_000;
+      await store.upsert(inputFor('alice', 1, { now }));
+      await store.upsert(inputFor('carol', 2, { now: old + 1000 }));
+      await store.upsert(inputFor('carol', 3, { now: old + 2000 }));
+      await store.setMailboxState('alice', 'INBOX', status(1, 2, 1));
+      await store.setMailboxState('carol', 'INBOX', status(3, 4, 3));
+      await store.setMailboxState('carol', 'Work', status(5, 6, 5));
+      expect(await store.purgeExpired()).toBe(2);
+      expect(await store.getMailboxStates('carol')).toEqual({});
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(1, 2, 1) });
+      expect(await store.purgeExpired(now + TTL)).toBe(1);
+      expect(await store.getMailboxStates('alice')).toEqual({});
+    });
+
+    it('rejects malformed mailbox states', async () => {
+      await store.upsert(inputFor('alice', 1));
+      const bad: unknown[] = [
+        null, {}, { uidValidity: 1, uidNext: 2 }, { uidValidity: -1, uidNext: 2, messages: 0 },
+        { uidValidity: 1.5, uidNext: 2, messages: 0 }, { uidValidity: '1', uidNext: 2, messages: 0 },
+      ];
+      for (const b of bad) {
+        await expect(store.setMailboxState('alice', 'INBOX', b as MailboxStatus)).rejects.toBeInstanceOf(TypeError);
+      }
+      await expect(store.setMailboxState('', 'INBOX', status(1, 1, 0))).rejects.toBeInstanceOf(TypeError);
+      await expect(store.setMailboxState('alice', '', status(1, 1, 0))).rejects.toBeInstanceOf(TypeError);
+      expect(await store.getMailboxStates('alice')).toEqual({});
+    });
+
+    it('stores only the status fields and returns copies', async () => {
+      await store.upsert(inputFor('alice', 1));
+      await store.setMailboxState('alice', 'INBOX', { ...status(1, 2, 1), extra: 'x' } as MailboxStatus);
+      const got = await store.getMailboxStates('alice');
+      expect(got).toEqual({ INBOX: status(1, 2, 1) });
+      (got.INBOX as MailboxStatus).uidNext = 999;
+      expect(await store.getMailboxStates('alice')).toEqual({ INBOX: status(1, 2, 1) });
+    });
+
+    it('handles concurrent writes of many mailboxes and users', async () => {
+      for (let u = 0; u < 4; u++) await store.upsert(inputFor(`c${u}`, u));
+      await Promise.all(Array.from({ length: 80 }, (_, i) => store.setMailboxState(`c${i % 4}`, `box${i}`, status(1, i + 1, i))));
+      for (let u = 0; u < 4; u++) {
+        const got = await store.getMailboxStates(`c${u}`);
+        expect(Object.keys(got)).toHaveLength(20);
+        expect(got[`box${u + 4}`]).toEqual(status(1, u + 5, u + 4));
+      }
+    });
+  });
+}
+
+export function status(uidValidity: number, uidNext: number, messages: number): MailboxStatus {
+  return { uidValidity, uidNext, messages };
 }
