@@ -15,9 +15,17 @@
 //        redis-server                               test, demo
 //        haproxy                                    test, bench
 //        openssl                                    all
+//        cyrus-common sasl2-bin cyrus-clients msmtp-mta test
+//          (Cyrus 3.6 for the IDLE watcher tests. Debian's cyrus-imapd CONFLICTS with
+//           dovecot-imapd, so it is not installed: step 2b unpacks it instead. msmtp-mta is
+//           the lightest MTA satisfying cyrus-common's dependency.)
 //      `apt-get update` runs once first (only when something is missing). A temporary
 //      /usr/sbin/policy-rc.d that exits 101 keeps the packages from starting system-wide
 //      daemons on 143/993/6379; it is only created (and later removed) when none exists.
+//   2b. test only: cyrus-imapd (imapd, idled) of exactly cyrus-common's version, fetched with
+//      `apt-get download` and unpacked with `dpkg -x` into /opt/xaps-cyrus (override with
+//      XAPS_CYRUS_PKG_DIR; src/testbed/cyrus.ts reads the same). Skipped when
+//      <dir>/.xaps-version already names the installed cyrus-common version.
 //   3. npm run build (tsc to dist/), always.
 // Exits non-zero with a clear message on any failure.
 
@@ -127,8 +135,18 @@ const DOVECOT = [
 const REDIS = [{ bin: 'redis-server', pkg: 'redis-server' }];
 const HAPROXY = [{ bin: 'haproxy', pkg: 'haproxy' }];
 const OPENSSL = [{ bin: 'openssl', pkg: 'openssl' }];
+/** Cyrus minus cyrus-imapd (which conflicts with dovecot-imapd; see step 2b). */
+const CYRUS = [
+  { file: '/usr/lib/cyrus/bin/master', pkg: 'cyrus-common' },
+  { file: '/usr/lib/cyrus/bin/lmtpd', pkg: 'cyrus-common' },
+  { file: '/usr/lib/cyrus/bin/deliver', pkg: 'cyrus-common' },
+  { bin: 'saslpasswd2', pkg: 'sasl2-bin' },
+  { file: '/usr/lib/cyrus/bin/imtest', pkg: 'cyrus-clients' },
+  // any MTA satisfies cyrus-common's dependency; msmtp-mta is the lightest one
+  { file: '/usr/sbin/sendmail', pkg: 'msmtp-mta' },
+];
 const NEEDS = {
-  test: [...DOVECOT, ...REDIS, ...HAPROXY, ...OPENSSL],
+  test: [...DOVECOT, ...REDIS, ...HAPROXY, ...OPENSSL, ...CYRUS],
   demo: [...DOVECOT, ...REDIS, ...OPENSSL],
   bench: [...DOVECOT, ...HAPROXY, ...OPENSSL],
 };
@@ -254,6 +272,85 @@ function aptInstall(missing) {
 
 const missing = missingNeeds();
 if (missing.length) aptInstall(missing);
+
+// ------------------------------------------------- cyrus-imapd, unpacked (test) ---
+/**
+ * Debian's cyrus-imapd and dovecot-imapd both "Provide: imap-server" and conflict, and the
+ * Dovecot packages must stay. The Cyrus test bed needs only cyrus-imapd's imapd and idled, so
+ * the package of exactly cyrus-common's version is downloaded and unpacked with `dpkg -x` into
+ * a directory of our own (never registered with dpkg, nothing outside it is touched).
+ */
+function ensureCyrusImapd() {
+  const dir = process.env.XAPS_CYRUS_PKG_DIR || '/opt/xaps-cyrus';
+  const marker = path.join(dir, '.xaps-version');
+  const q = spawnSync('dpkg-query', ['-W', '-f=${Version}', 'cyrus-common'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const version = q.status === 0 ? q.stdout.toString().trim() : '';
+  if (!version) die('cyrus-common is not installed (dpkg-query found no version); cannot unpack cyrus-imapd');
+  const imapd = path.join(dir, 'usr/lib/cyrus/bin/imapd');
+  let have = '';
+  try {
+    have = fs.readFileSync(marker, 'utf8').trim();
+  } catch {
+    /* not unpacked yet */
+  }
+  if (have === version && isExecutable(imapd) && isExecutable(path.join(dir, 'usr/lib/cyrus/bin/idled'))) return;
+  const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
+  if (!isRoot) {
+    die(
+      `cyrus-imapd ${version} is not unpacked in ${dir}. As root, run this script again, or:\n` +
+        `  apt-get download cyrus-imapd=${version} && dpkg -x cyrus-imapd_*.deb ${dir}`,
+    );
+  }
+  const t = Date.now();
+  const log = path.join(os.tmpdir(), `xaps-bootstrap-cyrus-${process.pid}.log`);
+  fs.writeFileSync(log, '');
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'xaps-cyrus-deb-'));
+  const fail = (msg) => {
+    fs.rmSync(work, { recursive: true, force: true });
+    try {
+      process.stderr.write(fs.readFileSync(log, 'utf8'));
+    } catch {
+      /* ignore */
+    }
+    die(`${msg} (log above, also in ${log})`);
+  };
+  say(`unpacking cyrus-imapd ${version} into ${dir} ...`);
+  const download = () => {
+    fs.appendFileSync(log, `\n$ (cd ${work}) apt-get download cyrus-imapd=${version}\n`);
+    const fd = fs.openSync(log, 'a');
+    try {
+      const r = spawnSync('apt-get', ['download', '-o', 'Dpkg::Use-Pty=0', `cyrus-imapd=${version}`], {
+        cwd: work,
+        stdio: ['ignore', fd, fd],
+      });
+      return r.status === 0;
+    } finally {
+      fs.closeSync(fd);
+    }
+  };
+  // Stale package lists (a superseded security version) make the download 404: refresh once.
+  if (!download()) {
+    if (!run('apt-get', ['update', '-o', 'Dpkg::Use-Pty=0'], log)) fail('apt-get update failed');
+    if (!download()) fail(`apt-get download cyrus-imapd=${version} failed`);
+  }
+  const deb = fs.readdirSync(work).find((f) => /^cyrus-imapd_.*\.deb$/.test(f));
+  if (!deb) fail('apt-get download left no cyrus-imapd .deb');
+  // Unpack beside the target and swap it in, so an interrupted run never leaves half a tree.
+  const staging = `${dir}.new-${process.pid}`;
+  fs.rmSync(staging, { recursive: true, force: true });
+  fs.mkdirSync(staging, { recursive: true, mode: 0o755 });
+  if (!run('dpkg', ['-x', path.join(work, deb), staging], log)) fail(`dpkg -x ${deb} failed`);
+  fs.writeFileSync(path.join(staging, '.xaps-version'), `${version}\n`);
+  // The 'cyrus' user runs these binaries: the tree must be readable and traversable.
+  fs.chmodSync(staging, 0o755);
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.renameSync(staging, dir);
+  fs.rmSync(work, { recursive: true, force: true });
+  if (!isExecutable(imapd)) fail(`${imapd} is missing after unpacking`);
+  fs.rmSync(log, { force: true });
+  say(`unpacked cyrus-imapd ${version} in ${secs(t)}`);
+}
+if (purpose === 'test') ensureCyrusImapd();
 
 // --------------------------------------------------------------------- build ---
 {
