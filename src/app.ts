@@ -13,6 +13,8 @@ import { createStore, type RegistrationStore } from './store/index.js';
 import { PushRegistrationHandler } from './push/handler.js';
 import { PushService } from './push/service.js';
 import type { ApnsTransport } from './apns/types.js';
+import type { UpstreamSettings } from './proxy/upstream.js';
+import { WatchService } from './watch/service.js';
 
 export interface App {
   proxy: ProxyServer;
@@ -20,6 +22,8 @@ export interface App {
   store: RegistrationStore | null;
   /** Push delivery, when push is configured. */
   push: PushService | null;
+  /** Mailbox watching, when push can be sent and a way to watch is configured. */
+  watch: WatchService | null;
   registry: Registry;
   /** Stops accepting, lets sessions finish up to drainMs, closes the rest. */
   stop(drainMs?: number): Promise<void>;
@@ -44,13 +48,33 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
   const store = pushConfigured
     ? await createStore({ redisUrl: config.redisUrl, dataDir: config.dataDir, ttlMs: config.registrationTtl, logger: log })
     : null;
+  const upstream: UpstreamSettings = {
+    host: config.upstream.host,
+    port: config.upstream.port,
+    tls: config.upstreamTls,
+    ca: config.upstreamCa ? readFileSync(config.upstreamCa) : undefined,
+    servername: config.upstreamServername,
+    insecure: config.upstreamInsecure,
+    connectTimeoutMs: config.connectTimeout,
+    clientIp: config.clientIp,
+  };
   let push: PushService | null = null;
+  let watch: WatchService | null = null;
   let proxy: ProxyServer | null = null;
   try {
     push = store ? await PushService.start(config, { store, registry, log, transport: deps.apnsTransport }) : null;
+    const dispatcher = push?.dispatcher;
+    watch = store && dispatcher ? await WatchService.start(config, { store, dispatcher, upstream, registry, log }) : null;
     const service = push;
+    const watching = watch;
     const handler =
-      deps.push !== undefined ? deps.push : store && service ? new PushRegistrationHandler(() => service.topic(), store, log) : null;
+      deps.push !== undefined
+        ? deps.push
+        : store && service
+          ? new PushRegistrationHandler(() => service.topic(), store, log, {
+              registered: (r) => watching?.registrationChanged(r.user),
+            })
+          : null;
     proxy = new ProxyServer({
       listen: config.listen,
       listenTls: config.listenTls,
@@ -59,16 +83,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
       push: handler,
       log,
       session: {
-        upstream: {
-          host: config.upstream.host,
-          port: config.upstream.port,
-          tls: config.upstreamTls,
-          ca: config.upstreamCa ? readFileSync(config.upstreamCa) : undefined,
-          servername: config.upstreamServername,
-          insecure: config.upstreamInsecure,
-          connectTimeoutMs: config.connectTimeout,
-          clientIp: config.clientIp,
-        },
+        upstream,
         idleTimeoutMs: config.idleTimeout,
         preauthMaxLine: PREAUTH_MAX_LINE,
         localCommandMax: PREAUTH_MAX_LINE,
@@ -77,6 +92,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     });
     await proxy.start();
   } catch (err) {
+    await watch?.stop().catch(() => undefined);
     await push?.close().catch(() => undefined);
     await store?.close().catch(() => undefined);
     throw err;
@@ -97,10 +113,12 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     proxy: server,
     store,
     push,
+    watch,
     registry,
     stop: async (drainMs = 0) => {
       if (purge) clearInterval(purge);
       await server.stop(drainMs);
+      await watch?.stop();
       await push?.close({ flushMs: Math.min(drainMs, 5_000) });
       await store?.close();
     },
