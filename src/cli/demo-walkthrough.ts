@@ -1,9 +1,7 @@
 /** The scripted part of the demo: what iOS Mail does against the proxy, shown line by line. */
 import tls from 'node:tls';
 import type { RegistrationStore } from '../store/types.js';
-import type { App } from '../app.js';
 import type { MockApns } from '../testbed/mock-apns.js';
-import { ApnsTransportError } from '../apns/types.js';
 
 export interface WalkthroughInput {
   port: number;
@@ -90,22 +88,41 @@ export async function demoWalkthrough(w: WalkthroughInput): Promise<void> {
   w.say('Dovecot never saw the XAPPLEPUSHSERVICE command; everything else was relayed byte for byte.');
 }
 
-/** A push to the registered device, as `xaps-proxy test-push` sends it, and what the APNs stand-in received. */
-export async function demoPush(input: { app: App; apns: MockApns; user: string; say(line?: string): void }): Promise<void> {
-  const { app, apns, user, say } = input;
-  const dispatcher = app.push?.dispatcher;
-  const [reg] = (await app.store?.listByUser(user)) ?? [];
-  if (!dispatcher || !reg) throw new Error('demo: push delivery is not running');
-  say('A push to that device over HTTP/2 with the Mail push certificate (what `xaps-proxy test-push` does):');
-  const answer = await dispatcher.sendNow(reg, { mailboxes: ['Sent'] });
-  if (answer instanceof ApnsTransportError) throw new Error(`demo: APNs stand-in did not answer: ${answer.message}`);
-  const req = apns.requests.at(-1);
-  if (!req) throw new Error('demo: the APNs stand-in recorded no request');
-  say(`  ${req.method} ${req.path.replace(/[0-9a-f]{56}$/, '…')}`);
-  for (const h of ['apns-topic', 'apns-push-type', 'apns-priority', 'apns-expiration', 'apns-collapse-id']) {
-    say(`  ${h}: ${req.headers[h]}`);
+/** Mail arrives at Dovecot; the proxy notices it upstream and the APNs stand-in receives the push. */
+export async function demoPush(input: {
+  apns: MockApns;
+  watching: () => boolean;
+  deliver: (mailbox?: string) => Promise<void>;
+  say(line?: string): void;
+}): Promise<void> {
+  const { apns, deliver, say } = input;
+  for (const deadline = Date.now() + 15_000; !input.watching(); ) {
+    if (Date.now() > deadline) throw new Error('demo: the watcher did not connect to Dovecot');
+    await new Promise((r) => setTimeout(r, 50));
   }
-  say(`  body: ${req.rawBody}`);
-  say(`  answer: ${answer.status}${answer.apnsId ? ` apns-id ${answer.apnsId}` : ''}`);
-  say('"m" carries the MD5 of "Sent", so the phone refreshes exactly that mailbox.');
+  await new Promise((r) => setTimeout(r, 300)); // NOTIFY's first snapshot
+  const waitForPush = async (n: number) => {
+    const deadline = Date.now() + 15_000;
+    while (apns.requests.length < n) {
+      if (Date.now() > deadline) throw new Error('demo: no push reached the APNs stand-in');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    return apns.requests[n - 1]!;
+  };
+  const show = (req: MockApns['requests'][number], t0: number) => {
+    say(`  ${req.method} ${req.path.replace(/[0-9a-f]{56}$/, '…')}  (${req.at - t0} ms after delivery)`);
+    for (const h of ['apns-topic', 'apns-push-type', 'apns-priority', 'apns-collapse-id']) say(`  ${h}: ${req.headers[h]}`);
+    say(`  body: ${req.rawBody}`);
+  };
+  say('New mail is delivered to INBOX by Dovecot (dovecot-lda); the proxy sees it through IMAP NOTIFY');
+  say('and pushes over HTTP/2 with the Mail push certificate:');
+  let t0 = Date.now();
+  await deliver();
+  show(await waitForPush(1), t0);
+  await new Promise((r) => setTimeout(r, 2_500)); // past the coalescing window
+  say();
+  say('Mail delivered to "Sent": the push names that mailbox by the MD5 of its name, so the phone refreshes just it:');
+  t0 = Date.now();
+  await deliver('Sent');
+  show(await waitForPush(2), t0);
 }

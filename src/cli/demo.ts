@@ -54,6 +54,8 @@ export async function runDemo(argv: string[]): Promise<void> {
     await fs.writeFile(apnsCert, mail.certPem);
     await fs.writeFile(apnsKey, mail.keyPem, { mode: 0o600 });
     await fs.writeFile(apnsCa, apns.caPem);
+    const masterPasswordFile = path.join(dir, 'master.pw');
+    await fs.writeFile(masterPasswordFile, `${dovecot.masterPassword}\n`, { mode: 0o600 });
     const [plainPort, tlsPort] = [await freePort(), await freePort()];
     const config = loadConfig({
       argv: [
@@ -66,6 +68,8 @@ export async function runDemo(argv: string[]): Promise<void> {
         '--apns-key', apnsKey,
         '--apns-endpoint', apns.url,
         '--apns-ca', apnsCa,
+        '--master-user', dovecot.masterUser,
+        '--master-password-file', masterPasswordFile,
         '--data-dir', path.join(dir, 'data'),
         '--log-level', 'warn',
       ],
@@ -86,7 +90,10 @@ export async function runDemo(argv: string[]): Promise<void> {
       say,
     });
     say();
-    await demoPush({ app, apns, user: 'alice', say });
+    const upstream = dovecot;
+    const message = (subject: string) => `From: bob@example.org\r\nTo: alice@example.org\r\nSubject: ${subject}\r\n\r\nHello from the demo.\r\n`;
+    const running = app;
+    await demoPush({ apns, watching: () => running.watch?.isWatching('alice') ?? false, deliver: (mailbox) => upstream.deliver('alice', message(mailbox ?? 'INBOX'), mailbox), say });
     say();
     say('Try it yourself:');
     say(`  openssl s_client -quiet -connect 127.0.0.1:${tlsPort} -CAfile ${certPath}`);

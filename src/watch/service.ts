@@ -57,6 +57,11 @@ export class WatchService {
     return this.events?.boundAddress ?? null;
   }
 
+  /** The user's mailboxes are being watched right now (always true in events mode). */
+  isWatching(user: string): boolean {
+    return this.events !== null || (this.supervisor?.isConnected(user) ?? false);
+  }
+
   /** A registration was stored: start or update that user's watcher now. */
   registrationChanged(user: string): void {
     void this.supervisor?.registrationChanged(user);

@@ -282,6 +282,11 @@ export class WatchSupervisor {
     return [...this.held.keys()].sort(compareStrings);
   }
 
+  /** The user's watcher here is connected and watching. */
+  isConnected(user: string): boolean {
+    return this.held.get(user)?.watcher.connected ?? false;
+  }
+
   /** The mailboxes watched for `user` here (undefined: not watched here). */
   mailboxesOf(user: string): string[] | undefined {
     const h = this.held.get(user);

@@ -69,7 +69,17 @@ async function pushesFor(mock: MockApns, token: string, n: number, timeoutMs = 2
   }
 }
 
-const settle = (ms = 1500) => new Promise((r) => setTimeout(r, ms));
+const settle = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Until the user's watcher is connected, plus a moment for its first snapshot. */
+async function watching(proxy: TestProxy, user: string): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  while (!proxy.app.watch?.isWatching(user)) {
+    if (Date.now() > deadline) throw new Error(`${user} is not being watched`);
+    await settle(50);
+  }
+  await settle(300);
+}
 
 describe('NOTIFY against Dovecot (--watch auto)', () => {
   let dovecot: DovecotInstance;
@@ -94,7 +104,7 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
   it('pushes INBOX mail without "m" and other mailboxes with their MD5', async () => {
     await register(proxy.plainPort, 'alice', 'alicepw', token, '("INBOX" "Work/Projects")');
     expect(proxy.app.watch?.mode).toBe('auto');
-    await settle(); // the watcher connects and takes its snapshot
+    await watching(proxy, 'alice');
     await dovecot.deliver('alice', message('one'));
     const [first] = await pushesFor(apns.mock, token, 1);
     expect(first!.body).toEqual({ aps: { 'account-id': ACCOUNT } });
@@ -115,7 +125,7 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
       flags: [...apns.flags, '--master-user', 'master', '--master-password-file', path.join(apns.dir, 'master.pw')],
     });
     await pushesFor(apns.mock, token, before + 1);
-    await settle();
+    await settle(1500);
     expect(apns.mock.requests.filter((r) => r.deviceToken === token)).toHaveLength(before + 1);
   });
 });
@@ -143,7 +153,7 @@ describe('IDLE against Cyrus 3.6 (--watch auto, no NOTIFY there)', () => {
 
   it('pushes INBOX and another mailbox', async () => {
     await register(proxy.plainPort, 'alice', 'alicepw', token, '("INBOX" "Work")');
-    await settle();
+    await watching(proxy, 'alice');
     await cyrus.deliver('alice', message('cyrus one'));
     const [first] = await pushesFor(apns.mock, token, 1);
     expect(first!.body).toEqual({ aps: { 'account-id': ACCOUNT } });
