@@ -288,36 +288,48 @@ describe('APNs answers through the whole pipeline', () => {
   });
 });
 
-describe('coalescing, GOAWAY and a stalled APNs', () => {
-  let apns: ApnsFixture;
-  let proxy: TestProxy;
-  let store: RegistrationStore;
-  let dispatcher: PushDispatcher;
+interface Pipeline {
+  apns: ApnsFixture;
+  proxy: TestProxy;
+  store: RegistrationStore;
+  dispatcher: PushDispatcher;
+}
+
+/** A proxy with push delivery to its own mock APNs, for one describe block. */
+function usePipeline(requestTimeout: string): { get: () => Pipeline } {
+  let p: Pipeline | null = null;
   beforeAll(async () => {
     const dovecot = await startDovecot({ users: { u: 'p' } });
-    apns = await apnsFixture(['--push-coalesce-window', '1s', '--apns-request-timeout', '500ms', '--apns-max-attempts', '10', '--push-queue-size', '1500']);
-    proxy = await startTestProxy({ upstreamPort: dovecot.imapPort, flags: apns.flags });
+    const apns = await apnsFixture(['--push-coalesce-window', '1s', '--apns-request-timeout', requestTimeout, '--apns-max-attempts', '10', '--push-queue-size', '1500']);
+    const proxy = await startTestProxy({ upstreamPort: dovecot.imapPort, flags: apns.flags });
     await dovecot.stop();
-    store = proxy.app.store!;
-    dispatcher = proxy.app.push!.dispatcher!;
+    p = { apns, proxy, store: proxy.app.store!, dispatcher: proxy.app.push!.dispatcher! };
   });
   afterAll(async () => {
-    await proxy?.stop();
-    await apns?.mock.close();
+    await p?.proxy.stop();
+    await p?.apns.mock.close();
   });
+  return { get: () => p! };
+}
 
-  async function devices(prefix: string, n: number, start: number) {
-    const out: Array<{ user: string; tok: string }> = [];
-    for (let i = 0; i < n; i++) {
-      const d = { user: `${prefix}${i}`, tok: token(start + i) };
-      await store.upsert({ user: d.user, deviceToken: d.tok, accountId: ACCOUNT, subtopic: 'com.apple.mobilemail', mailboxes: [mailboxRef('INBOX')], version: 2 });
-      out.push(d);
-    }
-    return out;
+async function addDevices(store: RegistrationStore, prefix: string, n: number, start: number) {
+  const out: Array<{ user: string; tok: string }> = [];
+  for (let i = 0; i < n; i++) {
+    const d = { user: `${prefix}${i}`, tok: token(start + i) };
+    await store.upsert({ user: d.user, deviceToken: d.tok, accountId: ACCOUNT, subtopic: 'com.apple.mobilemail', mailboxes: [mailboxRef('INBOX')], version: 2 });
+    out.push(d);
   }
+  return out;
+}
+
+// A generous request timeout here: a request that times out may have been delivered
+// and is then legitimately sent again, which would blur "exactly once".
+describe('coalescing and GOAWAY', () => {
+  const pipeline = usePipeline('15s');
 
   it('ten changes for one device within the window give two pushes', async () => {
-    const [d] = await devices('coalesce', 1, 10_000);
+    const { apns, store, dispatcher } = pipeline.get();
+    const [d] = await addDevices(store, 'coalesce', 1, 10_000);
     for (let i = 0; i < 10; i++) await dispatcher.notify({ user: d!.user, mailbox: 'INBOX' });
     await waitFor(() => apns.mock.requests.filter((r) => r.deviceToken === d!.tok).length === 2, 10_000, 'second push');
     await dispatcher.settled();
@@ -326,36 +338,44 @@ describe('coalescing, GOAWAY and a stalled APNs', () => {
   });
 
   it('changes for 1,000 devices give 1,000 pushes, each exactly once despite a GOAWAY mid-burst', async () => {
-    const all = await devices('burst', 1000, 20_000);
+    const { apns, store, dispatcher } = pipeline.get();
+    const all = await addDevices(store, 'burst', 1000, 20_000);
     const tokens = new Set(all.map((d) => d.tok));
     const seen = () => apns.mock.requests.filter((r) => tokens.has(r.deviceToken));
     const goaways = apns.mock.stats().goawaysSent;
     apns.mock.goawayAfter(300);
     await Promise.all(all.map((d) => dispatcher.notify({ user: d.user, mailbox: 'INBOX' })));
-    await waitFor(() => seen().length >= 1000, 30_000, '1000 pushes');
+    await waitFor(() => seen().length >= 1000, 60_000, '1000 pushes');
     await dispatcher.settled();
     const counts = new Map<string, number>();
     for (const r of seen()) counts.set(r.deviceToken, (counts.get(r.deviceToken) ?? 0) + 1);
     expect(counts.size).toBe(1000);
-    expect([...counts.values()].every((n) => n === 1)).toBe(true);
+    expect([...counts.values()].filter((n) => n !== 1)).toEqual([]);
     expect(apns.mock.stats().goawaysSent).toBe(goaways + 1);
-  }, 60_000);
+  }, 90_000);
+});
 
-  it('a stalled APNs: requests time out and are retried; memory stays bounded; all go out when it answers again', async () => {
-    const all = await devices('stall', 1200, 40_000);
+describe('a stalled APNs', () => {
+  const pipeline = usePipeline('500ms');
+
+  it('requests time out and are retried; memory stays bounded; all go out when it answers again', async () => {
+    const { apns, proxy, store, dispatcher } = pipeline.get();
+    const all = await addDevices(store, 'stall', 1200, 40_000);
     const tokens = new Set(all.map((d) => d.tok));
+    const retried = await metric(proxy, 'xaps_pushes_total', { result: 'retried' });
     apns.mock.stallAll(true);
     await Promise.all(all.map((d) => dispatcher.notify({ user: d.user, mailbox: 'INBOX' })));
-    await waitFor(async () => (await metric(proxy, 'xaps_pushes_total', { result: 'retried' })) > 0, 20_000, 'a timed-out retry');
+    await waitFor(() => apns.mock.requests.some((r) => tokens.has(r.deviceToken)), 30_000, 'requests at the stalled mock');
+    await waitFor(async () => (await metric(proxy, 'xaps_pushes_total', { result: 'retried' })) > retried, 30_000, 'a timed-out retry');
     const stats = dispatcher.stats();
     expect(stats.pending + stats.inFlight).toBeLessThanOrEqual(1500);
-    expect(apns.mock.requests.filter((r) => tokens.has(r.deviceToken)).length).toBeGreaterThan(0);
     apns.mock.stallAll(false);
     await waitFor(
-      async () => new Set(apns.mock.requests.filter((r) => tokens.has(r.deviceToken) && r.at > 0).map((r) => r.deviceToken)).size === 1200 &&
-        (await metric(proxy, 'xaps_pushes_total', { result: 'delivered' })) >= 1200,
-      60_000,
+      async () => (await metric(proxy, 'xaps_pushes_total', { result: 'delivered' })) >= 1200,
+      90_000,
       'every device delivered',
     );
-  }, 90_000);
+    const delivered = new Set(apns.mock.requests.filter((r) => tokens.has(r.deviceToken)).map((r) => r.deviceToken));
+    expect(delivered.size).toBe(1200);
+  }, 120_000);
 });
