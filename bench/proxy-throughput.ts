@@ -12,15 +12,17 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { dovecotAvailable, haproxyAvailable, sleep, startDovecot, type DovecotInstance } from '../src/testbed/index.js';
 import { ArgsError, canonicalArgs, parseArgs, USAGE, type BenchArgs } from './lib/args.js';
-import { fillMaildir, type FilledMailbox } from './lib/mailbox.js';
-import { runFetch, type Endpoint, type FetchRunResult } from './lib/imap-load.js';
-import { processCpuMs, treeCpuDelta, treeCpuMs } from './lib/procstat.js';
+import { fillMaildir } from './lib/mailbox.js';
+import { CorrectnessError, expected, verify, type Reference } from './lib/verify.js';
+import { runFetch, StallError, type Endpoint, type FetchRunResult } from './lib/imap-load.js';
+import { processUsage, treeCpuDelta, treeCpuMs, type ProcessUsage } from './lib/procstat.js';
 import { startProxyProcess, startRelays, TARGET_LABEL, type ProxyProcess, type Relays, type TargetName, type Variant } from './lib/targets.js';
 import {
   AIM,
   aimLines,
   commit,
   machine,
+  relayDetailTable,
   resultsTable,
   roundsTable,
   summarize,
@@ -33,9 +35,6 @@ const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const USER = 'bench';
 const PASSWORD = 'benchpw';
 const MB = 1e6;
-
-/** A target returned other bytes than Dovecot itself: the one failure this benchmark reports. */
-class CorrectnessError extends Error {}
 
 function say(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);
@@ -132,14 +131,15 @@ function endpointOf(env: Env, variant: Variant, target: TargetName): { ep: Endpo
 }
 
 interface Measured extends FetchRunResult {
-  relayCpuMs: number | null;
+  /** CPU and page faults of the haproxy / xaps-proxy process during the FETCH phase; null for direct. */
+  relay: ProcessUsage | null;
   dovecotCpuMs: number;
 }
 
 async function measure(env: Env, args: BenchArgs, variant: Variant, target: TargetName, hash: boolean): Promise<Measured> {
   const { ep, pid } = endpointOf(env, variant, target);
-  let relay0: number | undefined;
-  let relayCpuMs: number | null = null;
+  let relay0: ProcessUsage | undefined;
+  let relay: ProcessUsage | null = null;
   let dove0 = new Map<number, number>();
   let dovecotCpuMs = 0;
   const res = await runFetch({
@@ -152,45 +152,18 @@ async function measure(env: Env, args: BenchArgs, variant: Variant, target: Targ
     hash,
     onStart: () => {
       dove0 = treeCpuMs(env.dovecot.pid);
-      if (pid !== null) relay0 = processCpuMs(pid);
+      if (pid !== null) relay0 = processUsage(pid);
     },
     onEnd: () => {
       dovecotCpuMs = treeCpuDelta(dove0, treeCpuMs(env.dovecot.pid));
       if (pid !== null) {
-        const after = processCpuMs(pid);
+        const after = processUsage(pid);
         if (relay0 === undefined || after === undefined) throw new Error(`${TARGET_LABEL[target]} (pid ${pid}) is gone`);
-        relayCpuMs = after - relay0;
+        relay = { userMs: after.userMs - relay0.userMs, sysMs: after.sysMs - relay0.sysMs, minflt: after.minflt - relay0.minflt };
       }
     },
   });
-  return { ...res, relayCpuMs, dovecotCpuMs };
-}
-
-function expected(box: FilledMailbox, args: BenchArgs) {
-  return {
-    literals: box.messages * (args.headers ? 2 : 1),
-    literalBytes: box.totalBytes + (args.headers ? box.headerBytes : 0),
-  };
-}
-
-/** Every connection must have received exactly the mailbox: count, bytes, and (when hashed) content. */
-function verify(r: Measured, box: FilledMailbox, args: BenchArgs, what: string, reference: { digest: string | null }): void {
-  const want = expected(box, args);
-  r.perConnection.forEach((fetches, i) => fetches.forEach((c, k) => {
-    const who = `${what}, connection ${i + 1}${fetches.length > 1 ? ` fetch ${k + 1}` : ''}`;
-    if (c.literals !== want.literals) {
-      throw new CorrectnessError(`${who}: ${c.literals} literals fetched, expected ${want.literals}`);
-    }
-    if (c.literalBytes !== want.literalBytes) {
-      throw new CorrectnessError(`${who}: ${c.literalBytes} literal bytes fetched, expected ${want.literalBytes} (${c.literalBytes - want.literalBytes} difference)`);
-    }
-    if (c.digest !== null) {
-      if (reference.digest === null) reference.digest = c.digest;
-      else if (c.digest !== reference.digest) {
-        throw new CorrectnessError(`${who}: the fetched content differs (SHA-1 ${c.digest}, expected ${reference.digest})`);
-      }
-    }
-  }));
+  return { ...res, relay, dovecotCpuMs };
 }
 
 // --------------------------------------------------------------------- main ---
@@ -216,6 +189,7 @@ async function main(): Promise<number> {
   if (args.targets.includes('proxy')) ensureDist();
   const t0 = Date.now();
   const started = new Date();
+  const loadBefore = os.loadavg()[0];
   const command = `npm run bench:proxy -- ${canonicalArgs(args).join(' ')}`;
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'xaps-bench-'));
   onCleanup('work dir', async () => fs.rmSync(workDir, { recursive: true, force: true }));
@@ -268,12 +242,12 @@ async function main(): Promise<number> {
     `workload: ${args.connections} connections × ${args.fetches} × UID FETCH 1:* ${args.headers ? '(BODY.PEEK[HEADER] BODY.PEEK[])' : '(BODY.PEEK[])'} ` +
       `= ${runMb.toFixed(0)} MB of literals per run`,
   );
-  const reference = { digest: args.headers ? null : box.digest };
+  const reference: Reference = { digest: args.headers ? null : box.digest, untaggedBytes: null };
   for (const variant of args.variants) {
     for (const target of args.targets) {
       const what = `${variant} ${TARGET_LABEL[target]}`;
       const r = await measure(env, args, variant, target, true);
-      verify(r, box, args, `warm-up run through ${what}`, reference);
+      verify(r.perConnection, box, args, `warm-up run through ${what}`, reference);
       say(`warm-up ${what}: ${(r.bytes / MB / (r.wallMs / 1000)).toFixed(1)} MB/s, content verified (SHA-1 ${reference.digest?.slice(0, 12)}…)`);
     }
   }
@@ -285,8 +259,8 @@ async function main(): Promise<number> {
       for (const target of args.targets) {
         await sleep(100); // let the previous run's Dovecot processes exit
         const what = `${variant} ${TARGET_LABEL[target]}`;
-        const r = await measure(env, args, variant, target, false);
-        verify(r, box, args, `round ${round} through ${what}`, reference);
+        const r = await measure(env, args, variant, target, args.hashAll);
+        verify(r.perConnection, box, args, `round ${round} through ${what}`, reference);
         const mb = r.bytes / MB;
         const s: RunSample = {
           variant,
@@ -295,14 +269,20 @@ async function main(): Promise<number> {
           mbps: mb / (r.wallMs / 1000),
           bytes: r.bytes,
           wallMs: r.wallMs,
-          relayCpuMsPerMb: r.relayCpuMs === null ? null : r.relayCpuMs / mb,
+          relayCpuMsPerMb: r.relay === null ? null : (r.relay.userMs + r.relay.sysMs) / mb,
+          relayUserMsPerMb: r.relay === null ? null : r.relay.userMs / mb,
+          relaySysMsPerMb: r.relay === null ? null : r.relay.sysMs / mb,
+          relayMinfltPerMb: r.relay === null ? null : r.relay.minflt / mb,
           clientCpuMsPerMb: r.clientCpuMs / mb,
           dovecotCpuMsPerMb: r.dovecotCpuMs / mb,
         };
         samples.push(s);
         say(
           `round ${round}/${args.rounds} ${what}: ${s.mbps.toFixed(1)} MB/s (${(r.wallMs / 1000).toFixed(2)} s)` +
-            (s.relayCpuMsPerMb === null ? '' : `, relay CPU ${s.relayCpuMsPerMb.toFixed(2)} ms/MB`),
+            (s.relayCpuMsPerMb === null
+              ? ''
+              : `, relay CPU ${s.relayCpuMsPerMb.toFixed(2)} ms/MB (user ${s.relayUserMsPerMb!.toFixed(2)}, sys ${s.relaySysMsPerMb!.toFixed(2)}, ` +
+                `${s.relayMinfltPerMb!.toFixed(0)} minor faults/MB)`),
         );
       }
     }
@@ -313,7 +293,11 @@ async function main(): Promise<number> {
   let profileText = '';
   if (env.proxy) {
     await env.proxy.stop();
-    proxyLog = fs.existsSync(env.proxy.logPath) ? fs.readFileSync(env.proxy.logPath, 'utf8').trim() : '';
+    // what the proxy logged at warn and above, less the configuration warnings printed at startup
+    proxyLog = (fs.existsSync(env.proxy.logPath) ? fs.readFileSync(env.proxy.logPath, 'utf8') : '')
+      .split('\n')
+      .filter((l) => l.trim() && !l.startsWith('xaps-proxy: warning:'))
+      .join('\n');
     if (env.proxy.profileDir) {
       const files = fs.readdirSync(env.proxy.profileDir).filter((f) => f.endsWith('.cpuprofile'));
       for (const f of files) {
@@ -350,16 +334,21 @@ async function main(): Promise<number> {
     '',
   );
   lines.push('Per round (MB/s):', '', roundsTable(rows), '');
+  if (args.targets.some((t) => t !== 'direct')) {
+    lines.push('Relay processes, medians per MB relayed (user/system CPU split, minor page faults):', '', relayDetailTable(rows), '');
+  }
   lines.push(
-    `Correctness: every FETCH on every connection and target returned ${want.literals} literals, ${want.literalBytes} literal bytes; ` +
-      `the warm-up runs' SHA-1 over the fetched literals matched${args.headers ? ' across targets' : ' the messages written'} (${reference.digest}).`,
+    `Correctness: every FETCH on every connection and target returned ${want.literals} literals, ${want.literalBytes} literal bytes, ` +
+      `${reference.untaggedBytes} bytes before the tagged OK; ${args.hashAll ? 'every' : 'the warm-up'} runs' SHA-1 over the fetched literals matched` +
+      `${args.headers ? ' across targets' : ' the messages written'} (${reference.digest}).`,
     '',
   );
   if (args.profile) lines.push('**This run profiled xaps-proxy (--cpu-prof): its throughput figures are not comparable.**', '');
   lines.push(
     `Machine: ${m.nproc} CPUs (${m.cpu}), ${m.memGb} GiB RAM, ${m.kernel}; Node ${m.node}; Dovecot ${m.dovecot}; ${m.haproxy}`,
     '',
-    `Date: ${started.toISOString()} (took ${((Date.now() - t0) / 1000).toFixed(0)} s)`,
+    `Date: ${started.toISOString()} (took ${((Date.now() - t0) / 1000).toFixed(0)} s; ` +
+      `1-minute load average ${loadBefore.toFixed(1)} before, ${os.loadavg()[0].toFixed(1)} after: other work on the machine adds noise)`,
     '',
     `Commit: ${commit(ROOT)}`,
     '',
@@ -385,6 +374,8 @@ main()
     if (interrupted) return; // the signal handler cleans up and exits
     if (err instanceof CorrectnessError) {
       process.stderr.write(`\n[bench] CORRECTNESS FAILURE: ${err.message}\n[bench] a target did not relay the mailbox byte for byte\n`);
+    } else if (err instanceof StallError) {
+      process.stderr.write(`\n[bench] FAILED, a target stalled: ${err.message}\n`);
     } else {
       process.stderr.write(`\n[bench] FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
     }

@@ -11,6 +11,7 @@ export interface BenchArgs {
   targets: TargetName[];
   seed: number;
   profile: boolean;
+  hashAll: boolean;
   out: string;
 }
 
@@ -24,6 +25,7 @@ export const DEFAULTS: BenchArgs = {
   targets: ['direct', 'relay', 'proxy'],
   seed: 1,
   profile: false,
+  hashAll: false,
   out: 'bench/results/proxy-throughput.md',
 };
 
@@ -44,6 +46,8 @@ the ratios, and the relays' CPU time per MB.
   --seed N           seed of the generated mailbox (default ${DEFAULTS.seed})
   --profile          run xaps-proxy under node --cpu-prof and print where its time goes
                      (slows it down: throughput numbers of such a run are not comparable)
+  --hash-all         SHA-1 the content of every run, not only the warm-up runs (costs client CPU;
+                     without it measured runs are checked by literal and byte counts)
   --out FILE         markdown report (default ${DEFAULTS.out}; overwritten)
   -h, --help         this text
 `;
@@ -105,6 +109,9 @@ export function parseArgs(argv: string[]): BenchArgs | 'help' {
       case '--profile':
         a.profile = true;
         break;
+      case '--hash-all':
+        a.hashAll = true;
+        break;
       case '--out':
         a.out = next() ?? '';
         if (!a.out) throw new ArgsError('--out needs a file name');
@@ -124,6 +131,7 @@ export function canonicalArgs(a: BenchArgs): string[] {
   if (a.targets.join(',') !== DEFAULTS.targets.join(',')) out.push('--targets', a.targets.join(','));
   if (a.seed !== DEFAULTS.seed) out.push('--seed', String(a.seed));
   if (a.profile) out.push('--profile');
+  if (a.hashAll) out.push('--hash-all');
   if (a.out !== DEFAULTS.out) out.push('--out', a.out);
   return out;
 }

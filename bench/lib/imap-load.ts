@@ -21,6 +21,9 @@ export interface CommandResult {
   text: string;
   /** Every byte received from sending the command up to and including the tagged line. */
   bytes: number;
+  /** The bytes before the tagged line: deterministic for a given mailbox and command (the tagged
+   * line carries Dovecot's timing text). A relay that loses or adds bytes changes this. */
+  untaggedBytes: number;
   /** Bytes inside literals. */
   literalBytes: number;
   literals: number;
@@ -29,6 +32,10 @@ export interface CommandResult {
 }
 
 const LF = 0x0a;
+const STALL_MS = 30_000;
+
+/** The server (or relay) stopped sending in the middle of a response. */
+export class StallError extends Error {}
 
 function literalAtEnd(line: Buffer): number {
   // `… {123}\r\n` or `… {123+}\r\n` or `… ~{123}\r\n`
@@ -89,6 +96,10 @@ export class RawImapClient {
         : net.connect({ host: ep.host, port: ep.port });
       this.socket = sock;
       sock.setNoDelay(true);
+      // A relay that loses bytes leaves us waiting for a literal or tagged line that never completes.
+      sock.setTimeout(STALL_MS, () =>
+        this.fail(new StallError(`${ep.host}:${ep.port}: no bytes for ${STALL_MS / 1000} s while a command was running (lost or extra bytes?)`)),
+      );
       sock.on('data', (chunk: Buffer) => this.onData(chunk));
       sock.on('error', (e) => this.fail(new Error(`${ep.host}:${ep.port}: ${e.message}`)));
       sock.on('close', () => {
@@ -137,11 +148,12 @@ export class RawImapClient {
         this.lineParts = [];
       }
       pos = lf + 1;
-      this.onLine(line);
+      this.onLine(line, len - pos);
     }
   }
 
-  private onLine(line: Buffer): void {
+  /** `after`: bytes of the current chunk that follow this line. */
+  private onLine(line: Buffer, after: number): void {
     const lit = literalAtEnd(line);
     if (lit >= 0) {
       this.literalLeft = lit;
@@ -167,7 +179,8 @@ export class RawImapClient {
       w.resolve({
         status: status === 'OK' ? 'OK' : status === 'NO' ? 'NO' : 'BAD',
         text,
-        bytes: w.bytes,
+        bytes: w.bytes - after,
+        untaggedBytes: w.bytes - after - line.length,
         literalBytes: w.literalBytes,
         literals: w.literals,
         digest: w.hash ? w.hash.digest('hex') : null,

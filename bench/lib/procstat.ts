@@ -23,6 +23,10 @@ interface StatFields {
   ppid: number;
   /** utime + stime, ms */
   cpuMs: number;
+  userMs: number;
+  sysMs: number;
+  /** Minor page faults (a fresh page touched: e.g. malloc'd memory the kernel has to zero). */
+  minflt: number;
 }
 
 function readStat(pid: number): StatFields | undefined {
@@ -34,9 +38,23 @@ function readStat(pid: number): StatFields | undefined {
   }
   // "pid (comm) state ppid …": comm may contain spaces and parens; fields resume after the last ')'
   const rest = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  // rest[0] = state (field 3), rest[1] = ppid (4), rest[11] = utime (14), rest[12] = stime (15)
-  const ticks = Number(rest[11]) + Number(rest[12]);
-  return { ppid: Number(rest[1]), cpuMs: (ticks * 1000) / clockTicks() };
+  // rest[0] = state (field 3), rest[1] = ppid (4), rest[7] = minflt (10), rest[11] = utime (14), rest[12] = stime (15)
+  const ms = 1000 / clockTicks();
+  const userMs = Number(rest[11]) * ms;
+  const sysMs = Number(rest[12]) * ms;
+  return { ppid: Number(rest[1]), cpuMs: userMs + sysMs, userMs, sysMs, minflt: Number(rest[7]) };
+}
+
+export interface ProcessUsage {
+  userMs: number;
+  sysMs: number;
+  minflt: number;
+}
+
+/** user and system CPU ms and minor faults of one process; undefined when it is gone. */
+export function processUsage(pid: number): ProcessUsage | undefined {
+  const s = readStat(pid);
+  return s && { userMs: s.userMs, sysMs: s.sysMs, minflt: s.minflt };
 }
 
 /** utime+stime of one process (all its threads), ms; undefined when it is gone. */

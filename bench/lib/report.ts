@@ -21,6 +21,9 @@ export interface RunSample {
   wallMs: number;
   /** CPU of the relay process (haproxy / xaps-proxy) per MB; null for direct. */
   relayCpuMsPerMb: number | null;
+  relayUserMsPerMb: number | null;
+  relaySysMsPerMb: number | null;
+  relayMinfltPerMb: number | null;
   clientCpuMsPerMb: number;
   dovecotCpuMsPerMb: number;
 }
@@ -35,9 +38,18 @@ export interface Row {
   vsRelay: number | null;
   vsDirect: number | null;
   relayCpuMsPerMb: number | null;
+  relayUserMsPerMb: number | null;
+  relaySysMsPerMb: number | null;
+  relayMinfltPerMb: number | null;
   clientCpuMsPerMb: number;
   dovecotCpuMsPerMb: number;
   perRound: number[];
+  perRoundCpu: (number | null)[];
+}
+
+function medianOf(xs: (number | null)[]): number | null {
+  const v = xs.filter((x): x is number => x !== null);
+  return v.length ? median(v) : null;
 }
 
 export function summarize(samples: RunSample[], variants: Variant[], targets: TargetName[]): Row[] {
@@ -51,7 +63,6 @@ export function summarize(samples: RunSample[], variants: Variant[], targets: Ta
     for (const target of targets) {
       const s = samples.filter((x) => x.variant === variant && x.target === target).sort((a, b) => a.round - b.round);
       const m = med.get(target)!;
-      const cpu = s.map((x) => x.relayCpuMsPerMb).filter((x): x is number => x !== null);
       rows.push({
         variant,
         target,
@@ -61,10 +72,14 @@ export function summarize(samples: RunSample[], variants: Variant[], targets: Ta
         maxMbps: Math.max(...s.map((x) => x.mbps)),
         vsRelay: med.has('relay') ? m / med.get('relay')! : null,
         vsDirect: med.has('direct') ? m / med.get('direct')! : null,
-        relayCpuMsPerMb: cpu.length ? median(cpu) : null,
+        relayCpuMsPerMb: medianOf(s.map((x) => x.relayCpuMsPerMb)),
+        relayUserMsPerMb: medianOf(s.map((x) => x.relayUserMsPerMb)),
+        relaySysMsPerMb: medianOf(s.map((x) => x.relaySysMsPerMb)),
+        relayMinfltPerMb: medianOf(s.map((x) => x.relayMinfltPerMb)),
         clientCpuMsPerMb: median(s.map((x) => x.clientCpuMsPerMb)),
         dovecotCpuMsPerMb: median(s.map((x) => x.dovecotCpuMsPerMb)),
         perRound: s.map((x) => x.mbps),
+        perRoundCpu: s.map((x) => x.relayCpuMsPerMb),
       });
     }
   }
@@ -113,6 +128,24 @@ export function roundsTable(rows: Row[]): string {
     ['target', 'variant', ...Array.from({ length: n }, (_, i) => `round ${i + 1}`)],
     rows.map((r) => [TARGET_LABEL[r.target], r.variant === 'tls' ? 'TLS' : 'plain', ...Array.from({ length: n }, (_, i) => f1(r.perRound[i] ?? null))]),
     ['l', 'l', ...Array<'r'>(n).fill('r')],
+  );
+}
+
+export function relayDetailTable(rows: Row[]): string {
+  const relays = rows.filter((r) => r.target !== 'direct');
+  const n = Math.max(...relays.map((r) => r.perRoundCpu.length));
+  return table(
+    ['process', 'variant', 'CPU ms/MB', 'user ms/MB', 'sys ms/MB', 'minor faults/MB', ...Array.from({ length: n }, (_, i) => `r${i + 1} CPU`)],
+    relays.map((r) => [
+      r.target === 'relay' ? 'haproxy' : 'xaps-proxy',
+      r.variant === 'tls' ? 'TLS' : 'plain',
+      f2(r.relayCpuMsPerMb),
+      f2(r.relayUserMsPerMb),
+      f2(r.relaySysMsPerMb),
+      r.relayMinfltPerMb === null ? '—' : r.relayMinfltPerMb.toFixed(0),
+      ...Array.from({ length: n }, (_, i) => f2(r.perRoundCpu[i] ?? null)),
+    ]),
+    ['l', 'l', 'r', 'r', 'r', 'r', ...Array<'r'>(n).fill('r')],
   );
 }
 

@@ -38,13 +38,15 @@ export interface ProxyStartOptions {
   workDir: string;
   /** Run under `node --cpu-prof`, profile written into this dir on exit. */
   profileDir?: string;
+  /** Extra node options for the proxy process (experiments: GC flags, --trace-gc, …). */
+  nodeArgs?: string[];
 }
 
 /** `node dist/cli/main.js serve …` with a plain and a TLS listener, in a child process. */
 export async function startProxyProcess(o: ProxyStartOptions): Promise<ProxyProcess> {
   const main = path.join(o.root, 'dist', 'cli', 'main.js');
   const [plainPort, tlsPort] = await freePorts(2);
-  const nodeArgs = o.profileDir ? ['--cpu-prof', '--cpu-prof-dir', o.profileDir] : [];
+  const nodeArgs = [...(o.nodeArgs ?? []), ...(o.profileDir ? ['--cpu-prof', '--cpu-prof-dir', o.profileDir] : [])];
   if (o.profileDir) fs.mkdirSync(o.profileDir, { recursive: true });
   const args = [
     ...nodeArgs,
