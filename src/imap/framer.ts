@@ -57,6 +57,7 @@ export interface FramerOptions {
 
 const LF = 0x0a;
 const CR = 0x0d;
+const EMPTY = Buffer.alloc(0);
 const TAIL_KEEP = 32; // enough for `~{` + 15 digits + `+}` + CRLF
 const MAX_LITERAL_DIGITS = 15; // keeps sizes within Number.MAX_SAFE_INTEGER
 
@@ -76,7 +77,7 @@ export class Framer {
   private lineParts: Buffer[] = [];
   private lineLength = 0;
   private lineStreamed = false; // parts of the current line were already emitted
-  private lineTail: Buffer = Buffer.alloc(0); // last bytes of streamed parts
+  private lineTail: Buffer = EMPTY; // last bytes of streamed parts
 
   constructor(opts: FramerOptions) {
     this.side = opts.side;
@@ -209,8 +210,8 @@ export class Framer {
     const tail = this.lineStreamed ? tailOf(Buffer.concat([this.lineTail, data])) : data;
     this.resetLine();
 
-    let literal = this.textOnly ? null : parseLiteralAtEnd(tail);
-    if (literal && this.side === 'server') literal = { ...literal, sync: false };
+    const literal = this.textOnly ? null : parseLiteralAtEnd(tail);
+    if (literal && this.side === 'server') literal.sync = false; // servers never wait for "+"
     if (!literal) {
       this.endMessage();
     } else if (literal.sync) {
@@ -235,7 +236,7 @@ export class Framer {
     this.lineParts = [];
     this.lineLength = 0;
     this.lineStreamed = false;
-    this.lineTail = Buffer.alloc(0);
+    this.lineTail = EMPTY;
   }
 }
 

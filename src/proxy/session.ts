@@ -82,6 +82,12 @@ interface Injection {
 }
 
 const MAX_CAPTURE = 64 * 1024;
+/**
+ * Output queued on one side before reading from the other stops. Larger than
+ * Node's 16 KiB default (TLS sockets' own limit), so a bulk FETCH is not paused
+ * and resumed around every chunk; still small enough to bound memory per session.
+ */
+const WRITE_HIGH_WATER = 256 * 1024;
 const CLOSE_GRACE_MS = 5_000;
 
 function isLoopback(ip: string): boolean {
@@ -272,12 +278,14 @@ export class Session {
 
   private writeUpstream(data: Buffer): void {
     if (!this.upstream || this.closed) return;
-    if (!this.upstream.write(data)) this.upstreamNeedsDrain = true;
+    this.upstream.write(data);
+    if (this.upstream.writableLength > WRITE_HIGH_WATER) this.upstreamNeedsDrain = true;
   }
 
   private writeClient(data: Buffer): void {
     if (this.closed) return;
-    if (!this.client.write(data)) this.clientNeedsDrain = true;
+    this.client.write(data);
+    if (this.client.writableLength > WRITE_HIGH_WATER) this.clientNeedsDrain = true;
   }
 
   // ------------------------------------------------------ client -> upstream
