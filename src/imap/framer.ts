@@ -123,6 +123,18 @@ export class Framer {
     this.endMessage();
   }
 
+  /**
+   * Copies whatever the framer still holds, so that the buffers it was given can
+   * be reused by the caller (reads into one recycled buffer).
+   */
+  ownBytes(): void {
+    if (this.chunks.length > 0) {
+      this.chunks = [Buffer.from(Buffer.concat(this.remainingChunks()))];
+      this.offset = 0;
+    }
+    if (this.lineParts.length > 0) this.lineParts = [Buffer.from(Buffer.concat(this.lineParts))];
+  }
+
   /** Takes every byte not yet framed (STARTTLS: these must be discarded) and resets. */
   drain(): Buffer {
     const rest = Buffer.concat([...this.lineParts, ...this.remainingChunks()]);

@@ -19,7 +19,7 @@ import { classifyResponse, rewriteCapabilityLine, type CapabilityPolicy } from '
 import { stripForwardingKeys } from '../imap/id.js';
 import { loginUsername } from '../imap/login.js';
 import { saslUsername } from '../imap/sasl.js';
-import { openUpstream, UpstreamUnavailableError, type UpstreamSettings } from './upstream.js';
+import { openUpstream, UpstreamUnavailableError, type ReadPump, type UpstreamSettings } from './upstream.js';
 
 /** A command the proxy answers itself, with everything it needs to decide. */
 export interface LocalCommand {
@@ -89,6 +89,7 @@ const MAX_CAPTURE = 64 * 1024;
  */
 const WRITE_HIGH_WATER = 256 * 1024;
 const CLOSE_GRACE_MS = 5_000;
+const EMPTY = Buffer.alloc(0);
 
 function isLoopback(ip: string): boolean {
   return ip === '::1' || ip.startsWith('127.') || ip.startsWith('::ffff:127.');
@@ -126,6 +127,7 @@ export class Session {
   private byeSent = false;
   private upstreamLoginDisabledWarned = false;
   private clientHandshaking = false;
+  private awaitingClientFlush = false;
 
   constructor(
     client: net.Socket,
@@ -157,7 +159,7 @@ export class Session {
         up.socket.destroy();
         return;
       }
-      this.attachUpstream(up.socket);
+      this.attachUpstream(up.socket, up.pump);
       if (up.greetingStatus === 'PREAUTH') this.authenticated = true;
       this.writeClient(rewriteCapabilityLine(up.greeting, this.capabilityPolicy()));
       if (up.greetingStatus === 'BYE') {
@@ -253,11 +255,29 @@ export class Session {
     for (const [event, handler] of this.clientHandlers()) socket.off(event, handler);
   }
 
-  private attachUpstream(socket: net.Socket): void {
+  private attachUpstream(socket: net.Socket, pump: ReadPump | null): void {
     this.upstream = socket;
     socket.setKeepAlive(true, 60_000);
     socket.setNoDelay(true);
     for (const [event, handler] of this.upstreamHandlers()) socket.on(event, handler);
+    pump?.setSink((view) => this.onUpstreamView(view));
+  }
+
+  /**
+   * A read in the pump's recycled buffer. Whatever still points into it must be
+   * gone before the next read: the framer copies what it keeps, and reading waits
+   * until the client socket has taken the bytes written from it.
+   */
+  private onUpstreamView(view: Buffer): boolean {
+    this.onUpstreamData(view);
+    this.sf.ownBytes();
+    if (this.closed || this.client.writableLength === 0) return true;
+    this.awaitingClientFlush = true;
+    this.client.write(EMPTY, () => {
+      this.awaitingClientFlush = false;
+      this.flow();
+    });
+    return false;
   }
 
   private detachUpstream(socket: net.Socket): void {
@@ -271,7 +291,7 @@ export class Session {
     if (clientReads) this.client.resume();
     else this.client.pause();
     if (this.upstream) {
-      if (this.clientNeedsDrain) this.upstream.pause();
+      if (this.clientNeedsDrain || this.awaitingClientFlush) this.upstream.pause();
       else this.upstream.resume();
     }
   }
@@ -607,7 +627,7 @@ export class Session {
         return;
       }
       this.sf = new Framer({ side: 'server' });
-      this.attachUpstream(up.socket);
+      this.attachUpstream(up.socket, up.pump);
       if (up.leftover.length > 0) this.onUpstreamData(up.leftover);
       this.blocked = false;
       this.flow();

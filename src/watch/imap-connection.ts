@@ -178,6 +178,8 @@ export class ImapConnection {
     const caps = capabilitiesOf(up.greeting);
     if (caps) conn.setCapabilities(caps);
     conn.attach(up.leftover);
+    // watcher traffic is small: copies from the recycled read buffer are cheap
+    up.pump?.setSink((view) => (conn.onData(Buffer.from(view)), true));
     if (!caps) await conn.refreshCapabilities();
     return conn;
   }
