@@ -145,6 +145,30 @@ describe('framer', () => {
     );
   });
 
+  it('keeps its bytes when the caller recycles the read buffer (ownBytes, property)', () => {
+    fc.assert(
+      fc.property(fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1, maxLength: 200 }), (sizes) => {
+        const f = new Framer({ side: 'server', maxLine: 64 });
+        const recycled = Buffer.alloc(64);
+        const out: Buffer[] = [];
+        let pos = 0;
+        for (const size of sizes) {
+          if (pos >= SERVER_SESSION.length) break;
+          const n = Math.min(size, SERVER_SESSION.length - pos, recycled.length);
+          SERVER_SESSION.copy(recycled, 0, pos, pos + n);
+          pos += n;
+          f.push(recycled.subarray(0, n));
+          for (let seg = f.next(); seg; seg = f.next()) out.push(Buffer.from(seg.data)); // consumed at once, as the session does
+          f.ownBytes();
+          recycled.fill(0x58); // the next read overwrites the buffer
+        }
+        const expected = SERVER_SESSION.subarray(0, pos);
+        return Buffer.concat([...out, f.drain()]).equals(expected);
+      }),
+      { numRuns: 500 },
+    );
+  });
+
   it('never throws and never loses a byte on random input (property)', () => {
     fc.assert(
       fc.property(
