@@ -260,7 +260,7 @@ export class Session {
     socket.setKeepAlive(true, 60_000);
     socket.setNoDelay(true);
     for (const [event, handler] of this.upstreamHandlers()) socket.on(event, handler);
-    pump?.setSink((view) => this.onUpstreamView(view));
+    pump?.setSink((view, release) => this.onUpstreamView(view, release));
   }
 
   /**
@@ -268,12 +268,13 @@ export class Session {
    * gone before the next read: the framer copies what it keeps, and reading waits
    * until the client socket has taken the bytes written from it.
    */
-  private onUpstreamView(view: Buffer): boolean {
+  private onUpstreamView(view: Buffer, release: () => void): boolean {
     this.onUpstreamData(view);
     this.sf.ownBytes();
     if (this.closed || this.client.writableLength === 0) return true;
     this.awaitingClientFlush = true;
     this.client.write(EMPTY, () => {
+      release();
       this.awaitingClientFlush = false;
       this.flow();
     });

@@ -30,31 +30,51 @@ export interface ClientEndpoint extends ForwardedAddress {
   tlsVersion: string | null;
 }
 
+const READ_SIZE = 256 * 1024;
+const POOL_MAX = 64;
+const pool: Buffer[] = [];
+
+/** Sink of a ReadPump: returns true when done with the view, or false and calls `release` later. */
+export type ReadSink = (view: Buffer, release: () => void) => boolean;
+
 /**
- * Reads of a plaintext upstream connection land in one recycled buffer instead of
- * a fresh 64 KiB allocation per read: the relay's largest cost after the system
- * calls. A receiver gets a view that is valid only during the call; it returns
- * false to stop reading until `socket.resume()` (it still holds on to the view).
+ * Reads of plaintext upstream connections land in large recycled buffers instead
+ * of a fresh allocation per read, the relay's largest cost after the system
+ * calls. Buffers come from a process-wide pool at the moment data is there to
+ * read, so idle connections hold none. A receiver gets a view that is valid until
+ * it is done with it: it returns true at once, or false (reading stops until
+ * `socket.resume()`) and calls `release` when nothing points into the view anymore.
  */
 export class ReadPump {
-  readonly buffer = Buffer.allocUnsafe(64 * 1024);
-  private sink: ((view: Buffer) => boolean) | null = null;
+  private sink: ReadSink | null = null;
   private held: Buffer[] = [];
 
+  readonly buffer = (): Buffer => pool.pop() ?? Buffer.allocUnsafe(READ_SIZE);
+
   readonly onread = (n: number, buf: Buffer): boolean => {
+    const release = () => {
+      if (pool.length < POOL_MAX) pool.push(buf);
+    };
     const view = buf.subarray(0, n);
-    if (this.sink) return this.sink(view);
-    this.held.push(Buffer.from(view)); // nobody reads yet: keep a copy
-    return true;
-  };
+    if (!this.sink) {
+      this.held.push(Buffer.from(view)); // nobody reads yet: keep a copy
+      release();
+      return true;
+    }
+    if (this.sink(view, release)) {
+      release();
+      return true;
+    }
+    return false;
+  }
 
   /** Hands later reads (and those held meanwhile) to `sink`; null holds them. */
-  setSink(sink: ((view: Buffer) => boolean) | null): void {
+  setSink(sink: ReadSink | null): void {
     this.sink = sink;
     if (!sink) return;
     const held = this.held;
     this.held = [];
-    for (const chunk of held) sink(chunk);
+    for (const chunk of held) sink(chunk, () => undefined);
   }
 }
 
