@@ -16,6 +16,7 @@ import { createTestCa, issueMailPushCert } from '../../src/testbed/apns-certs.js
 import { freePort } from '../../src/testbed/ports.js';
 import { RawImap } from '../helpers/raw-imap.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { lmtpDeliver } from '../helpers/lmtp.js';
 
 const ACCOUNT = '0715A26B-1C2D-4E3F-8A9B-0C1D2E3F4A5B';
 const md5 = (s: string) => createHash('md5').update(s, 'utf8').digest('hex');
@@ -87,8 +88,9 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
   let proxy: TestProxy;
   const token = 'a1'.repeat(32);
   beforeAll(async () => {
-    dovecot = await startDovecot({ users: { alice: 'alicepw' } });
+    dovecot = await startDovecot({ users: { alice: 'alicepw', bob: 'bobpw' } });
     await dovecot.doveadm(['mailbox', 'create', '-u', 'alice', 'Work/Projects']);
+    await dovecot.doveadm(['mailbox', 'create', '-u', 'alice', 'Unregistered']);
     apns = await apnsMock();
     proxy = await startTestProxy({
       upstreamPort: dovecot.imapPort,
@@ -105,13 +107,24 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
     await register(proxy.plainPort, 'alice', 'alicepw', token, '("INBOX" "Work/Projects")');
     expect(proxy.app.watch?.mode).toBe('auto');
     await watching(proxy, 'alice');
-    await dovecot.deliver('alice', message('one'));
+    await lmtpDeliver(dovecot.lmtpPort, 'alice', message('one'));
     const [first] = await pushesFor(apns.mock, token, 1);
     expect(first!.body).toEqual({ aps: { 'account-id': ACCOUNT } });
+    expect(first!.headers['apns-topic']).toBe(first!.clientCertSubject?.UID);
+    expect(first!.path).toBe(`/3/device/${token}`);
     await settle(600); // past the coalescing window
     await dovecot.deliver('alice', message('two'), 'Work/Projects');
     const pushes = await pushesFor(apns.mock, token, 2);
     expect(pushes[1]!.body).toEqual({ aps: { 'account-id': ACCOUNT, m: [md5('Work/Projects')] } });
+  });
+
+  it('pushes nothing for an unregistered mailbox or an unregistered user', async () => {
+    const before = apns.mock.requests.length;
+    await settle(600);
+    await dovecot.deliver('alice', message('not registered'), 'Unregistered');
+    await lmtpDeliver(dovecot.lmtpPort, 'bob', message('bob has no device'));
+    await settle(2000); // Dovecot notifies within ~0.5 s
+    expect(apns.mock.requests.length).toBe(before);
   });
 
   it('a restart misses nothing: mail delivered while the proxy was down is pushed once after it comes back', async () => {
@@ -154,7 +167,7 @@ describe('IDLE against Cyrus 3.6 (--watch auto, no NOTIFY there)', () => {
   it('pushes INBOX and another mailbox', async () => {
     await register(proxy.plainPort, 'alice', 'alicepw', token, '("INBOX" "Work")');
     await watching(proxy, 'alice');
-    await cyrus.deliver('alice', message('cyrus one'));
+    await lmtpDeliver(cyrus.lmtpPort, 'alice', message('cyrus one'));
     const [first] = await pushesFor(apns.mock, token, 1);
     expect(first!.body).toEqual({ aps: { 'account-id': ACCOUNT } });
     await settle(600);
@@ -191,7 +204,7 @@ describe('events from Dovecot\'s push_notification Lua driver (--watch events)',
 
   it('a delivery becomes a push with no upstream connection per user', async () => {
     await register(proxy.plainPort, 'alice', 'alicepw', token, '("INBOX" "Sent")');
-    await dovecot.deliver('alice', message('event one'));
+    await lmtpDeliver(dovecot.lmtpPort, 'alice', message('event one'));
     const [push] = await pushesFor(apns.mock, token, 1);
     expect(push!.body).toEqual({ aps: { 'account-id': ACCOUNT } });
     await settle(600);
