@@ -19,6 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { freePorts } from './ports.js';
 import {
+  descendants,
   findBinary,
   isPidAlive,
   probeBanner,
@@ -94,6 +95,8 @@ export interface DovecotInstance {
   stop(): Promise<void>;
   /** Stop and start again with the same dir, ports, users and mail. */
   restart(): Promise<void>;
+  /** `kill -9` of the master and every process it started (a crash): sessions drop at once. */
+  kill(): Promise<void>;
   /** Stop and delete the dir (unless XAPS_TESTBED_KEEP=1). */
   destroy(): Promise<void>;
 }
@@ -523,6 +526,19 @@ export async function startDovecot(opts: DovecotOptions = {}): Promise<DovecotIn
           })();
         }
         return stopping;
+      },
+      async kill(): Promise<void> {
+        const pid = instance.pid;
+        // the children outlive a killed master: collect the tree first, by pid
+        for (const victim of [pid, ...descendants(pid)]) {
+          try {
+            process.kill(victim, 'SIGKILL');
+          } catch {
+            /* already gone */
+          }
+        }
+        if (proc) await proc.exited;
+        stopping = Promise.resolve();
       },
       async restart(): Promise<void> {
         await instance.stop();

@@ -127,6 +127,17 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
     expect(apns.mock.requests.length).toBe(before);
   });
 
+  it('the upstream killed with kill -9: after its restart the watcher reconnects and the push arrives', async () => {
+    const before = apns.mock.requests.filter((r) => r.deviceToken === token).length;
+    await dovecot.kill();
+    await settle(300);
+    await dovecot.restart();
+    await lmtpDeliver(dovecot.lmtpPort, 'alice', message('right after the crash'));
+    await pushesFor(apns.mock, token, before + 1, 60_000);
+    await settle(1500);
+    expect(apns.mock.requests.filter((r) => r.deviceToken === token)).toHaveLength(before + 1);
+  }, 90_000);
+
   it('a restart misses nothing: mail delivered while the proxy was down is pushed once after it comes back', async () => {
     const before = apns.mock.requests.filter((r) => r.deviceToken === token).length;
     const dataDir = proxy.dataDir;
