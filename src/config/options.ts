@@ -589,7 +589,9 @@ export const RULES: readonly Rule[] = [
       if (c.allowPlaintextAuth) {
         report('allow-plaintext-auth', 'passwords may cross the network in clear text; use this in a lab only');
       }
-      if (!c.apnsTopic) report('apns-topic', 'not set: push is not configured and XAPPLEPUSHSERVICE is not advertised');
+      if (!c.apnsTopic && !c.apnsCert && !c.apnsP12) {
+        report('apns-topic', 'not set, and no --apns-cert/--apns-p12: push is not configured and XAPPLEPUSHSERVICE is not advertised');
+      }
     },
   },
   // Mail push certificate files, and the certificate request flow (src/cert, docs/certificates.md).
