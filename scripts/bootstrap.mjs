@@ -148,7 +148,7 @@ const CYRUS = [
 const NEEDS = {
   test: [...DOVECOT, ...REDIS, ...HAPROXY, ...OPENSSL, ...CYRUS],
   demo: [...DOVECOT, ...REDIS, ...OPENSSL],
-  bench: [...DOVECOT, ...HAPROXY, ...OPENSSL],
+  bench: [...DOVECOT, ...REDIS, ...HAPROXY, ...OPENSSL, ...CYRUS],
 };
 /** Lua plugin files; if a future Debian moves them out of dovecot-core, try these packages. */
 const LUA_FILES = new Set(DOVECOT.filter((n) => n.file.includes('_lua_')).map((n) => n.file));
@@ -350,7 +350,7 @@ function ensureCyrusImapd() {
   fs.rmSync(log, { force: true });
   say(`unpacked cyrus-imapd ${version} in ${secs(t)}`);
 }
-if (purpose === 'test') ensureCyrusImapd();
+if (purpose === 'test' || purpose === 'bench') ensureCyrusImapd();
 
 // --------------------------------------------------------------------- build ---
 {
