@@ -26,6 +26,7 @@ interface Apns {
   mock: MockApns;
   flags: string[];
   dir: string;
+  topic: string;
 }
 
 async function apnsMock(): Promise<Apns> {
@@ -44,7 +45,24 @@ async function apnsMock(): Promise<Apns> {
     '--apns-ca', path.join(dir, 'apns-ca.pem'),
     '--push-coalesce-window', '300ms',
   ];
-  return { mock, flags, dir };
+  return { mock, flags, dir, topic: cert.topic };
+}
+
+/** Every push so far went to `token` with the certificate's topic and the account id. */
+function expectWellFormed(apns: Apns, token: string): void {
+  for (const r of apns.mock.requests.filter((q) => q.deviceToken === token)) {
+    expect(r.path).toBe(`/3/device/${token}`);
+    expect(r.headers['apns-topic']).toBe(apns.topic);
+    expect((r.body as { aps: { 'account-id': string } }).aps['account-id']).toBe(ACCOUNT);
+  }
+}
+
+/** A delivery to a mailbox or user nobody registered pushes nothing. */
+async function expectNoPush(apns: Apns, deliver: () => Promise<void>): Promise<void> {
+  const before = apns.mock.requests.length;
+  await deliver();
+  await new Promise((r) => setTimeout(r, 2000)); // servers notify within ~0.5 s
+  expect(apns.mock.requests.length).toBe(before);
 }
 
 async function register(port: number, user: string, pass: string, token: string, mailboxes: string): Promise<void> {
@@ -119,12 +137,10 @@ describe('NOTIFY against Dovecot (--watch auto)', () => {
   });
 
   it('pushes nothing for an unregistered mailbox or an unregistered user', async () => {
-    const before = apns.mock.requests.length;
     await settle(600);
-    await dovecot.deliver('alice', message('not registered'), 'Unregistered');
-    await lmtpDeliver(dovecot.lmtpPort, 'bob', message('bob has no device'));
-    await settle(2000); // Dovecot notifies within ~0.5 s
-    expect(apns.mock.requests.length).toBe(before);
+    await expectNoPush(apns, () => dovecot.deliver('alice', message('not registered'), 'Unregistered'));
+    await expectNoPush(apns, () => lmtpDeliver(dovecot.lmtpPort, 'bob', message('bob has no device')));
+    expectWellFormed(apns, token);
   });
 
   it('the upstream killed with kill -9: after its restart the watcher reconnects and the push arrives', async () => {
@@ -160,8 +176,9 @@ describe('IDLE against Cyrus 3.6 (--watch auto, no NOTIFY there)', () => {
   let proxy: TestProxy;
   const token = 'b2'.repeat(32);
   beforeAll(async () => {
-    cyrus = await startCyrus({ users: { alice: 'alicepw' } });
+    cyrus = await startCyrus({ users: { alice: 'alicepw', bob: 'bobpw' } });
     await cyrus.createMailbox('alice', 'Work');
+    await cyrus.createMailbox('alice', 'Other');
     apns = await apnsMock();
     await fs.writeFile(path.join(apns.dir, 'master.pw'), `${cyrus.masterPassword}\n`);
     proxy = await startTestProxy({
@@ -185,6 +202,10 @@ describe('IDLE against Cyrus 3.6 (--watch auto, no NOTIFY there)', () => {
     await cyrus.deliver('alice', message('cyrus two'), 'Work');
     const pushes = await pushesFor(apns.mock, token, 2);
     expect(pushes[1]!.body).toEqual({ aps: { 'account-id': ACCOUNT, m: [md5('Work')] } });
+    await settle(600);
+    await expectNoPush(apns, () => cyrus.deliver('alice', message('not registered'), 'Other'));
+    await expectNoPush(apns, () => lmtpDeliver(cyrus.lmtpPort, 'bob', message('bob has no device')));
+    expectWellFormed(apns, token);
   });
 });
 
@@ -198,7 +219,7 @@ describe('events from Dovecot\'s push_notification Lua driver (--watch events)',
     const eventsPort = await freePort();
     await fs.writeFile(path.join(apns.dir, 'events.secret'), 's3cret-events\n');
     dovecot = await startDovecot({
-      users: { alice: 'alicepw' },
+      users: { alice: 'alicepw', bob: 'bobpw' },
       pushLuaUrl: `http://127.0.0.1:${eventsPort}/events`,
       pushLuaToken: 's3cret-events',
     });
@@ -222,5 +243,9 @@ describe('events from Dovecot\'s push_notification Lua driver (--watch events)',
     await dovecot.deliver('alice', message('event two'), 'Sent');
     const pushes = await pushesFor(apns.mock, token, 2);
     expect(pushes[1]!.body).toEqual({ aps: { 'account-id': ACCOUNT, m: [md5('Sent')] } });
+    await settle(600);
+    await expectNoPush(apns, () => dovecot.deliver('alice', message('not registered'), 'Trash'));
+    await expectNoPush(apns, () => lmtpDeliver(dovecot.lmtpPort, 'bob', message('bob has no device')));
+    expectWellFormed(apns, token);
   });
 });
