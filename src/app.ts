@@ -15,6 +15,8 @@ import { PushService } from './push/service.js';
 import type { ApnsTransport } from './apns/types.js';
 import type { UpstreamSettings } from './proxy/upstream.js';
 import { WatchService } from './watch/service.js';
+import { startOpsServer, type OpsServer } from './ops/http.js';
+import { Readiness } from './ops/readiness.js';
 
 export interface App {
   proxy: ProxyServer;
@@ -25,6 +27,8 @@ export interface App {
   /** Mailbox watching, when push can be sent and a way to watch is configured. */
   watch: WatchService | null;
   registry: Registry;
+  /** The operations HTTP listener (--metrics-listen: /metrics, /healthz, /readyz); null when it could not bind. */
+  ops: OpsServer | null;
   /** Stops accepting, lets sessions finish up to drainMs, closes the rest. */
   stop(drainMs?: number): Promise<void>;
   /** SIGHUP: TLS and APNs certificates. Throws (keeping the old ones) when a new file is broken. */
@@ -97,6 +101,27 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     await store?.close().catch(() => undefined);
     throw err;
   }
+  const server = proxy;
+  const readiness = new Readiness({
+    listeners: () => {
+      const bound = server.addresses();
+      return [
+        ...(config.listen ? [{ name: 'listen', bound: bound.plain !== undefined }] : []),
+        ...(config.listenTls ? [{ name: 'listen-tls', bound: bound.tls !== undefined }] : []),
+      ];
+    },
+    upstream,
+    store,
+    certificate: () => push?.currentCertificate ?? null,
+  });
+  // auxiliary: a taken port costs the metrics, not the IMAP service
+  const ops = await startOpsServer({ listen: config.metricsListen, registry, readiness: () => readiness.check(), log }).catch(
+    (err: unknown) => {
+      const at = `${config.metricsListen.host}:${config.metricsListen.port}`;
+      log.error({ err: String(err), listen: at }, 'operations listener (--metrics-listen) could not start; no /metrics, /healthz, /readyz');
+      return null;
+    },
+  );
   const purge = store ? schedulePurge(store, log) : null;
   const a = proxy.addresses();
   log.info(
@@ -108,16 +133,17 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     },
     'xaps-proxy listening',
   );
-  const server = proxy;
   return {
     proxy: server,
     store,
     push,
     watch,
     registry,
+    ops,
     stop: async (drainMs = 0) => {
       if (purge) clearInterval(purge);
       await server.stop(drainMs);
+      await ops?.stop();
       await watch?.stop();
       await push?.close({ flushMs: Math.min(drainMs, 5_000) });
       await store?.close();

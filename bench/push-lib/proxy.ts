@@ -16,7 +16,7 @@ export interface PushProxy {
 export async function startPushProxy(o: { root: string; upstreamPort: number; dataDir: string; flags: string[]; logPath: string }): Promise<PushProxy> {
   const main = path.join(o.root, 'dist', 'cli', 'main.js');
   const port = await freePort();
-  const args = [main, 'serve', '--listen', `127.0.0.1:${port}`, '--upstream', `127.0.0.1:${o.upstreamPort}`, '--data-dir', o.dataDir, '--log-level', 'warn', ...o.flags];
+  const args = [main, 'serve', '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${await freePort()}`, '--upstream', `127.0.0.1:${o.upstreamPort}`, '--data-dir', o.dataDir, '--log-level', 'warn', ...o.flags];
   const env = { ...process.env };
   for (const k of Object.keys(env)) if (k.startsWith('XAPS_')) delete env[k]; // flags only
   const proc: TrackedProcess = await spawnDaemon(process.execPath, args, { logPath: o.logPath, cwd: o.root, env });

@@ -60,6 +60,7 @@ export async function runDemo(argv: string[]): Promise<void> {
     const config = loadConfig({
       argv: [
         '--listen', `127.0.0.1:${plainPort}`,
+        '--metrics-listen', `127.0.0.1:${await freePort()}`,
         '--listen-tls', `127.0.0.1:${tlsPort}`,
         '--tls-cert', certPath,
         '--tls-key', keyPath,

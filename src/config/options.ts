@@ -433,6 +433,17 @@ export const OPTIONS = {
     description: 'Name of this instance in watcher leases (several instances sharing Redis watch each user once).',
   }),
 
+  // ---- Operations
+  'metrics-listen': option({
+    group: 'Operations',
+    type: v.hostPort(),
+    commands: SERVE,
+    default: '127.0.0.1:9925',
+    description:
+      'Operations HTTP listener: Prometheus metrics on /metrics, liveness on /healthz and readiness (listeners, ' +
+      'upstream, store, APNs certificate) on /readyz. Keep it on loopback or a private network.',
+  }),
+
   // ---- Certificate request: Apple's historical PushCertRequest flow (docs/certificates.md).
   // Used by `cert request|renew`, and by `serve` for auto-renewal when the vendor material is set.
   'cert-apple-id': option({

@@ -64,7 +64,6 @@ export class PushService {
     readonly transport: ApnsTransport | null,
     readonly dispatcher: PushDispatcher | null,
     private readonly renewer: CertificateRenewer | null,
-    private readonly log: Logger,
   ) {}
 
   /** The topic pushes go out on: the certificate's, else --apns-topic; null when push is off. */
@@ -158,7 +157,7 @@ export class PushService {
       });
       const renewer = certificate && s.certVendorCert ? await startRenewer(s, certificate, log) : null;
       if (renewer) certificateMetrics?.observeRenewer(renewer);
-      const push = new PushService(s, certificate, transport, dispatcher, renewer, log);
+      const push = new PushService(s, certificate, transport, dispatcher, renewer);
       service.topic = () => push.topic();
       certificate?.on('change', (cert) => {
         transport!.setCredentials({ kind: 'certificate', certPem: cert.certPem, keyPem: cert.keyPem });
@@ -167,7 +166,7 @@ export class PushService {
       });
       return push;
     }
-    return new PushService(s, certificate, null, null, null, log);
+    return new PushService(s, certificate, null, null, null);
   }
 }
 

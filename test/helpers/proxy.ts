@@ -30,11 +30,13 @@ export interface TestProxyOptions {
 export async function startTestProxy(opts: TestProxyOptions): Promise<TestProxy> {
   const plainPort = await freePort();
   const tlsPort = await freePort();
+  const metricsPort = await freePort();
   const dataDir = opts.dataDir ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-test-data-')));
   const argv = [
     '--listen', `127.0.0.1:${plainPort}`,
     '--upstream', `127.0.0.1:${opts.upstreamPort}`,
     '--data-dir', dataDir,
+    '--metrics-listen', `127.0.0.1:${metricsPort}`,
     ...(opts.tlsCert && opts.tlsKey
       ? ['--listen-tls', `127.0.0.1:${tlsPort}`, '--tls-cert', opts.tlsCert, '--tls-key', opts.tlsKey]
       : []),

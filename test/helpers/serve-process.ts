@@ -31,7 +31,7 @@ export async function spawnServe(args: string[], opts: { startTimeoutMs?: number
   const port = await freePort();
   const child = spawn(
     process.execPath,
-    ['--import', tsxEntry(), path.join(ROOT, 'src/cli/main.ts'), 'serve', '--listen', `127.0.0.1:${port}`, ...args],
+    ['--import', tsxEntry(), path.join(ROOT, 'src/cli/main.ts'), 'serve', '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${await freePort()}`, ...args],
     { env: cleanEnv(), stdio: ['ignore', 'ignore', 'pipe'] },
   );
   let stderr = '';

@@ -4,16 +4,15 @@
  * in a real redis-server, and visible through `xaps-proxy devices list --json`.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
 import { startRedis, type RedisInstance } from '../../src/testbed/redis.js';
-import { freePort } from '../../src/testbed/ports.js';
 import { RawImap } from '../helpers/raw-imap.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
-import { runCli, ROOT, cleanEnv } from '../unit/cli/helpers.js';
+import { runCli } from '../unit/cli/helpers.js';
+import { spawnServe } from '../helpers/serve-process.js';
 import type { Registration } from '../../src/store/types.js';
 
 const TOPIC = 'com.apple.mobilemail.push.org.example';
@@ -190,45 +189,20 @@ describe('durability', () => {
   });
 
   /** `xaps-proxy serve` as its own process, as operators run it. */
-  async function spawnServe(args: string[]): Promise<{ child: ChildProcess; port: number }> {
-    const port = await freePort();
-    const { readFileSync } = await import('node:fs');
-    const tsxPkg = path.join(ROOT, 'node_modules/tsx/package.json');
-    const exp = (JSON.parse(readFileSync(tsxPkg, 'utf8')) as { exports: { '.': { import: string } | string } }).exports['.'];
-    const tsx = path.join(ROOT, 'node_modules/tsx', typeof exp === 'string' ? exp : exp.import);
-    const child = spawn(
-      process.execPath,
-      ['--import', tsx, path.join(ROOT, 'src/cli/main.ts'), 'serve', '--listen', `127.0.0.1:${port}`, '--upstream', `127.0.0.1:${dovecot.imapPort}`, '--apns-topic', TOPIC, '--log-level', 'warn', ...args],
-      { env: cleanEnv(), stdio: ['ignore', 'ignore', 'pipe'] },
-    );
-    let stderr = '';
-    child.stderr!.on('data', (d) => (stderr += d));
-    const deadline = Date.now() + 20_000;
-    for (;;) {
-      try {
-        const c = await RawImap.connect({ port });
-        c.close();
-        return { child, port };
-      } catch {
-        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`proxy did not start: ${stderr}`);
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-  }
+  const serve = (args: string[]) =>
+    spawnServe(['--upstream', `127.0.0.1:${dovecot.imapPort}`, '--apns-topic', TOPIC, '--log-level', 'warn', ...args]);
 
   it('embedded store: kill -9 right after the OK, restart, the registration is there', async () => {
     const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-kill9-'));
-    const first = await spawnServe(['--data-dir', dataDir]);
+    const first = await serve(['--data-dir', dataDir]);
     const c = await login(first.port, 'alice', 'alicepw');
     const reply = await c.command('k', iosCommand('', { token: token(9) }).trim());
     expect(reply).toMatch(/^k OK/m);
-    first.child.kill('SIGKILL');
-    await new Promise((r) => first.child.once('exit', r));
+    await first.kill9();
     c.close();
     // the lock of the killed process is stale; a restarted proxy takes over the directory
-    const second = await spawnServe(['--data-dir', dataDir]);
-    second.child.kill('SIGTERM');
-    await new Promise((r) => second.child.once('exit', r));
+    const second = await serve(['--data-dir', dataDir]);
+    await second.stop();
     const regs = await devicesList(['--data-dir', dataDir]);
     expect(regs.map((r) => [r.user, r.deviceToken])).toEqual([['alice', token(9)]]);
     await fs.rm(dataDir, { recursive: true, force: true });
