@@ -7,45 +7,27 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
 import { startCyrus, type CyrusInstance } from '../../src/testbed/cyrus.js';
-import { startMockApns, type MockApns } from '../../src/testbed/mock-apns.js';
-import { createTestCa, issueMailPushCert } from '../../src/testbed/apns-certs.js';
+import type { MockApns } from '../../src/testbed/mock-apns.js';
 import { freePort } from '../../src/testbed/ports.js';
 import { RawImap } from '../helpers/raw-imap.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { apnsFixture, type ApnsFixture } from '../helpers/apns-fixture.js';
 import { lmtpDeliver } from '../helpers/lmtp.js';
 
 const ACCOUNT = '0715A26B-1C2D-4E3F-8A9B-0C1D2E3F4A5B';
 const md5 = (s: string) => createHash('md5').update(s, 'utf8').digest('hex');
 const message = (subject: string) => `From: a@example.org\r\nTo: b@example.org\r\nSubject: ${subject}\r\n\r\nhello\r\n`;
 
-interface Apns {
-  mock: MockApns;
-  flags: string[];
-  dir: string;
-  topic: string;
-}
+type Apns = ApnsFixture;
 
+/** The mock APNs, the proxy flags for it, and a master password file. */
 async function apnsMock(): Promise<Apns> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-e2e-'));
-  const ca = createTestCa();
-  const cert = issueMailPushCert(ca);
-  const mock = await startMockApns({ clientCa: ca.certPem });
-  await fs.writeFile(path.join(dir, 'mail.pem'), cert.certPem);
-  await fs.writeFile(path.join(dir, 'mail.key'), cert.keyPem, { mode: 0o600 });
-  await fs.writeFile(path.join(dir, 'apns-ca.pem'), mock.caPem);
-  await fs.writeFile(path.join(dir, 'master.pw'), 'masterpw\n', { mode: 0o600 });
-  const flags = [
-    '--apns-cert', path.join(dir, 'mail.pem'),
-    '--apns-key', path.join(dir, 'mail.key'),
-    '--apns-endpoint', mock.url,
-    '--apns-ca', path.join(dir, 'apns-ca.pem'),
-    '--push-coalesce-window', '300ms',
-  ];
-  return { mock, flags, dir, topic: cert.topic };
+  const apns = await apnsFixture(['--push-coalesce-window', '300ms']);
+  await fs.writeFile(path.join(apns.dir, 'master.pw'), 'masterpw\n', { mode: 0o600 });
+  return apns;
 }
 
 /** Every push so far went to `token` with the certificate's topic and the account id. */

@@ -3,34 +3,14 @@
  * against a real Dovecot, a mock APNs and (for the store check) a real Redis.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import fs from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
-import { startMockApns, type MockApns } from '../../src/testbed/mock-apns.js';
 import { startRedis, type RedisInstance } from '../../src/testbed/redis.js';
-import { createTestCa, issueMailPushCert } from '../../src/testbed/apns-certs.js';
 import { freePort } from '../../src/testbed/ports.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
+import { apnsFixture, type ApnsFixture } from '../helpers/apns-fixture.js';
 
-interface Fixture {
-  mock: MockApns;
-  flags: string[];
-}
-
-async function apnsFlags(): Promise<Fixture> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-ops-'));
-  const ca = createTestCa();
-  const cert = issueMailPushCert(ca);
-  const mock = await startMockApns({ clientCa: ca.certPem });
-  const certPath = path.join(dir, 'mail.pem');
-  const keyPath = path.join(dir, 'mail.key');
-  const mockCaPath = path.join(dir, 'mock-ca.pem');
-  await fs.writeFile(certPath, cert.certPem);
-  await fs.writeFile(keyPath, cert.keyPem, { mode: 0o600 });
-  await fs.writeFile(mockCaPath, mock.caPem);
-  return { mock, flags: ['--apns-cert', certPath, '--apns-key', keyPath, '--apns-endpoint', mock.url, '--apns-ca', mockCaPath] };
-}
+/** The mock APNs and the flags that point the proxy at it. */
+const apnsFlags = () => apnsFixture();
 
 async function get(port: number, p: string, method = 'GET'): Promise<{ status: number; type: string | null; text: string }> {
   const res = await fetch(`http://127.0.0.1:${port}${p}`, { method });
@@ -49,7 +29,7 @@ async function waitForStatus(port: number, want: number, timeoutMs = 15_000): Pr
 
 describe('operations listener with the embedded store', () => {
   let dovecot: DovecotInstance;
-  let apns: Fixture;
+  let apns: ApnsFixture;
   let proxy: TestProxy;
   let port: number;
   beforeAll(async () => {
@@ -121,7 +101,7 @@ describe('operations listener with the embedded store', () => {
 describe('operations listener with the Redis store', () => {
   let dovecot: DovecotInstance;
   let redis: RedisInstance;
-  let apns: Fixture;
+  let apns: ApnsFixture;
   let proxy: TestProxy;
   let port: number;
   beforeAll(async () => {

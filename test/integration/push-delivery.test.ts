@@ -5,11 +5,10 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import fs from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
-import { startMockApns, type MockApns, type MockAnswer } from '../../src/testbed/mock-apns.js';
-import { createTestCa, issueMailPushCert, type IssuedCert, type TestCa } from '../../src/testbed/apns-certs.js';
+import type { MockAnswer } from '../../src/testbed/mock-apns.js';
+import { issueMailPushCert } from '../../src/testbed/apns-certs.js';
+import { apnsFixture, type ApnsFixture } from '../helpers/apns-fixture.js';
 import { RawImap } from '../helpers/raw-imap.js';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.js';
 import { runCli } from '../unit/cli/helpers.js';
@@ -19,32 +18,6 @@ import type { PushDispatcher } from '../../src/apns/dispatcher.js';
 
 const ACCOUNT = '0715A26B-1C2D-4E3F-8A9B-0C1D2E3F4A5B';
 const token = (n: number) => n.toString(16).padStart(8, '0').repeat(8);
-
-interface ApnsFixture {
-  dir: string;
-  ca: TestCa;
-  cert: IssuedCert;
-  certPath: string;
-  keyPath: string;
-  mockCaPath: string;
-  mock: MockApns;
-  flags: string[];
-}
-
-async function apnsFixture(extraFlags: string[] = []): Promise<ApnsFixture> {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-apns-'));
-  const ca = createTestCa();
-  const cert = issueMailPushCert(ca);
-  const mock = await startMockApns({ clientCa: ca.certPem });
-  const certPath = path.join(dir, 'mail.pem');
-  const keyPath = path.join(dir, 'mail.key');
-  const mockCaPath = path.join(dir, 'mock-ca.pem');
-  await fs.writeFile(certPath, cert.certPem);
-  await fs.writeFile(keyPath, cert.keyPem, { mode: 0o600 });
-  await fs.writeFile(mockCaPath, mock.caPem);
-  const flags = ['--apns-cert', certPath, '--apns-key', keyPath, '--apns-endpoint', mock.url, '--apns-ca', mockCaPath, ...extraFlags];
-  return { dir, ca, cert, certPath, keyPath, mockCaPath, mock, flags };
-}
 
 function registerCommand(tag: string, tok: string, mailboxes = '("INBOX" "Sent Messages")'): string {
   return `${tag} XAPPLEPUSHSERVICE "aps-version" "2" "aps-account-id" "${ACCOUNT}" "aps-device-token" "${tok}" "aps-subtopic" "com.apple.mobilemail" "mailboxes" ${mailboxes}`;
