@@ -27,7 +27,8 @@
  * pushed at once. The wait is not part of the measured time.
  *
  * Reported per variant: median pushes/s over the rounds, pipeline/raw ratio, the pushing process's CPU per push
- * (process.cpuUsage: user + system, all threads), the mock's CPU per push (to see whether the mock was the limit),
+ * (process.cpuUsage: user + system, all threads; and its main thread alone, with GC pauses), the mock's CPU per push
+ * (to see whether the mock was the limit), the CPU other processes took meanwhile (a disturbed round is run again),
  * peak RSS of the pushing process (max of sampled memoryUsage().rss and resourceUsage().maxRSS) and heap used at the
  * end. Aim: ≥ 10 000 pushes/s from one process. Timing never fails the run; exit 1 when a push was lost, failed,
  * duplicated or answered with anything but 200 (checked both by the dispatcher's xaps_pushes_total and by the mock's
@@ -1236,11 +1237,18 @@ and memory figures belong to one variant only. The pushing processes and the moc
 - **mock CPU µs/push**, **mock cores**: the mock process's CPU over the round; near 1 core the mock, not the
   pusher, limits the rate.
 - **other procs cores**: the machine's busy CPU time (os.cpus()) minus this benchmark's processes and the kernel's
-  threads (ksoftirqd carries part of the loopback traffic) over the measured interval. A round where other
-  processes used more than ${BUSY_CORES} cores is run again (at most ${o.retryBusy} times; the last attempt counts).
+  threads (ksoftirqd carries part of the loopback traffic) over the measured interval. ${
+    o.retryBusy > 0
+      ? `A round where other processes used more than ${BUSY_CORES} cores is run again (at most ${o.retryBusy} times; the last attempt counts).`
+      : 'Rounds disturbed by other processes were not run again (--retry-busy 0).'
+  }
 - **peak RSS**: max of memoryUsage().rss sampled every 50 ms and resourceUsage().maxRSS over the pushing
   process's whole life, set-up included (for the pipeline: the store's ${o.devices} registrations in memory);
-  **heap used at end**: memoryUsage().heapUsed after the last round (garbage not yet collected included).
+  **heap used at end**: memoryUsage().heapUsed after the last round (garbage not yet collected included). Both
+  pushing processes carry tsx's loader (their script is TypeScript), roughly 35 MB of RSS on Node 20 that
+  \`node dist/cli/main.js serve\` does not have; the difference between the variants is the pipeline's own.
+
+Variants and method:
 
 - **raw Http2ApnsClient**: ${o.devices} notifications per round (one per device, the same requests the pipeline
   sends, built before the clock starts), ${o.window} kept in flight, ${o.connections} HTTP/2 connections.
