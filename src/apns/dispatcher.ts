@@ -56,7 +56,7 @@ import {
   type RemovalReason,
 } from './dispatcher-metrics.js';
 import { buildNotification, mailboxKey, matchMailbox, refForName } from './payload.js';
-import { fullJitterBackoff, LogLimiter, systemScheduler, Timeline, type Scheduler } from './queue.js';
+import { FifoSet, fullJitterBackoff, LogLimiter, systemScheduler, Timeline, type Scheduler } from './queue.js';
 import { ApnsTransportError, type ApnsNotification, type ApnsResponse, type ApnsTransport, type PushType } from './types.js';
 
 /** A mailbox changed (from the mailbox watchers). */
@@ -265,7 +265,7 @@ export class PushDispatcher {
 
   private readonly devices = new Map<string, Device>();
   /** Devices whose waiting push is due and that have nothing in flight, in the order they became ready. */
-  private readonly ready = new Set<Device>();
+  private readonly ready = new FifoSet<Device>();
   /** Devices with a waiting push, by kind, oldest first (the drop order). */
   private readonly followups = new Set<Device>();
   private readonly others = new Set<Device>();
@@ -538,8 +538,7 @@ export class PushDispatcher {
           if (!this.probeDue || this.probing) break;
           probe = true;
         }
-        const d = firstOf(this.ready) as Device;
-        this.ready.delete(d);
+        const d = this.ready.shift() as Device;
         if (!d.pending || d.sending || d.pending.due > now) continue;
         const item = this.takePending(d) as Item;
         if (probe) {
@@ -980,8 +979,15 @@ export class PushDispatcher {
     return safe;
   }
 
+  private readonly pushCounters = new Map<PushResult, { inc(n?: number): void }>();
+
   private count(result: PushResult, n = 1): void {
-    this.metrics.pushes.inc({ result }, n);
+    let counter = this.pushCounters.get(result);
+    if (!counter) {
+      counter = this.metrics.pushes.labels({ result });
+      this.pushCounters.set(result, counter);
+    }
+    counter.inc(n);
   }
 
   private warnLimited(key: string, fields: Record<string, unknown>, msg: string): void {
