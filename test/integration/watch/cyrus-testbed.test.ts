@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs';
-import { cyrusAvailable, startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
+import { startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
 import { isPidAlive, probeBanner } from '../../../src/testbed/index.js';
 import { ImapConnection } from '../../../src/watch/imap-connection.js';
 import { LoginError, masterLogin, MasterCredentials } from '../../../src/watch/login.js';
@@ -30,7 +30,7 @@ function processesOf(dir: string): number[] {
   return out;
 }
 
-describe.skipIf(!cyrusAvailable())('Cyrus test bed', () => {
+describe('Cyrus test bed', () => {
   let cy: CyrusInstance;
 
   beforeAll(async () => {

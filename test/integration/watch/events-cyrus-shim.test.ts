@@ -11,7 +11,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
-import { findBinary, waitFor } from '../../../src/testbed/index.js';
+import { waitFor } from '../../../src/testbed/index.js';
 import { PUSH_LUA_PATH } from '../../../src/testbed/push-lua.js';
 import { EventsListener } from '../../../src/watch/events.js';
 import type { MailboxChange } from '../../../src/watch/types.js';
@@ -36,7 +36,7 @@ function runShim(stdin: string, env: Record<string, string>): Promise<{ code: nu
 const newMail = (uri: string, event = 'MessageNew') =>
   JSON.stringify({ event, timestamp: '2026-11-23T14:39:01.778Z', uri, pid: 1, user: 'alice', serverFQDN: 'localhost' });
 
-describe.skipIf(!findBinary('perl'))('xaps-notify (Cyrus notify_external shim)', () => {
+describe('xaps-notify (Cyrus notify_external shim)', () => {
   let dir: string;
   let listener: EventsListener;
   const changes: MailboxChange[] = [];

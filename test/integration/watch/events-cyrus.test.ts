@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fs from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { cyrusAvailable, startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
+import { startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
 import { runCommand, sleep, waitFor } from '../../../src/testbed/index.js';
 import { PUSH_LUA_PATH } from '../../../src/testbed/push-lua.js';
 import { EventsListener } from '../../../src/watch/events.js';
@@ -33,7 +33,7 @@ async function oneMoreChange(changes: MailboxChange[], before: number): Promise<
   return changes[before]!;
 }
 
-describe.skipIf(!cyrusAvailable())('events mode: Cyrus notify_external via xaps-notify', () => {
+describe('events mode: Cyrus notify_external via xaps-notify', () => {
   let listener: EventsListener;
   let cy: CyrusInstance;
   const changes: MailboxChange[] = [];

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import type { AddressInfo } from 'node:net';
 import { createLogger } from '../../../src/ops/log.js';
-import { dovecotAvailable, startDovecot, waitFor, sleep, type DovecotInstance } from '../../../src/testbed/index.js';
+import { startDovecot, waitFor, sleep, type DovecotInstance } from '../../../src/testbed/index.js';
 import { PUSH_LUA_PATH, PUSH_LUA_SCRIPT } from '../../../src/testbed/push-lua.js';
 import { EventsListener } from '../../../src/watch/events.js';
 import type { MailboxChange } from '../../../src/watch/types.js';
@@ -64,7 +64,7 @@ async function oneMoreChange(changes: MailboxChange[], before: number): Promise<
   return changes[before]!;
 }
 
-describe.skipIf(!dovecotAvailable())('events mode: Dovecot Lua driver', () => {
+describe('events mode: Dovecot Lua driver', () => {
   let rec: Awaited<ReturnType<typeof startRecordingListener>>;
   let d: DovecotInstance;
   const cleanup: Array<() => Promise<unknown>> = [];

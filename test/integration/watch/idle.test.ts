@@ -8,8 +8,8 @@
  */
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Registry } from 'prom-client';
-import { cyrusAvailable, startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
-import { dovecotAvailable, sleep, startDovecot, waitFor, type DovecotInstance } from '../../../src/testbed/index.js';
+import { startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
+import { sleep, startDovecot, waitFor, type DovecotInstance } from '../../../src/testbed/index.js';
 import { IdleWatcherFactory, type IdleWatcherOptions } from '../../../src/watch/idle.js';
 import { MasterCredentials } from '../../../src/watch/login.js';
 import type { UserWatcher } from '../../../src/watch/types.js';
@@ -52,7 +52,7 @@ async function connected(w: UserWatcher): Promise<void> {
   await waitFor(() => w.connected, { timeoutMs: 20_000, what: `${w.user}'s watcher to connect` });
 }
 
-describe.skipIf(!cyrusAvailable())('IDLE watcher vs Cyrus 3.6', () => {
+describe('IDLE watcher vs Cyrus 3.6', () => {
   let cyrus: CyrusInstance;
   const stops: Array<() => Promise<void>> = [];
   let watch: ReturnType<typeof watchOn>;
@@ -169,7 +169,7 @@ describe.skipIf(!cyrusAvailable())('IDLE watcher vs Cyrus 3.6', () => {
   });
 });
 
-describe.skipIf(!dovecotAvailable())('IDLE watcher vs Dovecot', () => {
+describe('IDLE watcher vs Dovecot', () => {
   let dovecot: DovecotInstance;
   const stops: Array<() => Promise<void>> = [];
 

@@ -11,7 +11,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { Registry } from 'prom-client';
-import { dovecotAvailable, sleep, startDovecot, waitFor, type DovecotInstance } from '../../../src/testbed/index.js';
+import { sleep, startDovecot, waitFor, type DovecotInstance } from '../../../src/testbed/index.js';
 import { ImapConnection } from '../../../src/watch/imap-connection.js';
 import { masterLogin, MasterCredentials, type MasterLoginMode } from '../../../src/watch/login.js';
 import { NotifyWatcherFactory, type NotifyUserWatcher, type NotifyWatcherOptions } from '../../../src/watch/notify.js';
@@ -23,7 +23,7 @@ const SETTLE_MS = 1000;
 
 const USERS = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'gina', 'hank', 'ivan'];
 
-describe.skipIf(!dovecotAvailable())('NOTIFY watcher vs Dovecot', () => {
+describe('NOTIFY watcher vs Dovecot', () => {
   let dovecot: DovecotInstance;
   const stops: Array<() => Promise<void>> = [];
 
