@@ -3,37 +3,20 @@
  * middle of a burst, stream limits, stalls and timeouts, dropped connections, silent
  * connections (PING), stream resets.
  */
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { Registry } from 'prom-client';
-import type { Http2ApnsClient } from '../../../src/apns/client.js';
 import { ApnsTransportError } from '../../../src/apns/types.js';
 import type { MockApns } from '../../../src/testbed/mock-apns.js';
-import { certClient, note, pki, startMock, startRelay, token, waitUntil } from './helpers.js';
+import { certClient, note, startMock, startRelay, token, useMockApns, waitUntil } from './helpers.js';
 
 let mock: MockApns;
-const clients: Http2ApnsClient[] = [];
-function track<T extends Http2ApnsClient>(c: T): T {
-  clients.push(c);
-  return c;
-}
+const track = useMockApns((m) => (mock = m));
 
 async function metricValue(registry: Registry, name: string): Promise<number> {
   const m = await registry.getSingleMetric(name)?.get();
   return (m?.values ?? []).reduce((sum, v) => sum + v.value, 0);
 }
 
-beforeAll(async () => {
-  pki();
-  mock = await startMock();
-});
-afterEach(async () => {
-  await Promise.all(clients.splice(0).map((c) => c.close()));
-  mock.respond(() => ({ status: 200 }));
-  mock.stallAll(false);
-});
-afterAll(async () => {
-  await mock.close();
-});
 
 describe('GOAWAY', () => {
   it('mid-burst of 500: every send gets exactly one 200, APNs saw each token exactly once', async () => {

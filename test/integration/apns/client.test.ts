@@ -3,35 +3,18 @@
  * the wire, how every APNs answer is reported, certificate and token authentication,
  * credential changes.
  */
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { generateKeyPairSync, verify } from 'node:crypto';
 import { Registry } from 'prom-client';
 import { Http2ApnsClient } from '../../../src/apns/client.js';
 import { ApnsTransportError, type ApnsResponse } from '../../../src/apns/types.js';
 import { createTestCa, issueMailPushCert } from '../../../src/testbed/apns-certs.js';
 import type { MockAnswer, MockApns } from '../../../src/testbed/mock-apns.js';
-import { certClient, note, pki, startMock, token, waitUntil } from './helpers.js';
+import { certClient, note, pki, startMock, token, useMockApns, waitUntil } from './helpers.js';
 
 let mock: MockApns;
 const mockDefault = (): MockApns => mock;
-const clients: Http2ApnsClient[] = [];
-function track<T extends Http2ApnsClient>(c: T): T {
-  clients.push(c);
-  return c;
-}
-
-beforeAll(async () => {
-  pki();
-  mock = await startMock();
-});
-afterEach(async () => {
-  await Promise.all(clients.splice(0).map((c) => c.close()));
-  mock.respond(() => ({ status: 200 }));
-  mock.stallAll(false);
-});
-afterAll(async () => {
-  await mock.close();
-});
+const track = useMockApns((m) => (mock = m));
 
 describe('request on the wire', () => {
   it('sends POST /3/device/<token> with exactly the APNs headers and the payload', async () => {

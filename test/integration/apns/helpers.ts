@@ -1,3 +1,4 @@
+import { afterAll, afterEach, beforeAll } from 'vitest';
 /**
  * Shared set-up for the APNs client tests: a test CA with Mail push certificates, a
  * real mock APNs (TLS + HTTP/2 on loopback), client factories and a freezable TCP
@@ -112,5 +113,32 @@ export async function startRelay(targetPort: number): Promise<Relay> {
       }
       return new Promise((resolve) => server.close(() => resolve()));
     },
+  };
+}
+
+/**
+ * The lifecycle both client test files share: one mock APNs per file (handed to
+ * `onReady`), every tracked client closed and the mock reset after each test.
+ * Returns `track`, which registers a client for that cleanup.
+ */
+export function useMockApns(onReady: (mock: MockApns) => void): <T extends Http2ApnsClient>(client: T) => T {
+  let mock: MockApns;
+  const clients: Http2ApnsClient[] = [];
+  beforeAll(async () => {
+    pki();
+    mock = await startMock();
+    onReady(mock);
+  });
+  afterEach(async () => {
+    await Promise.all(clients.splice(0).map((c) => c.close()));
+    mock.respond(() => ({ status: 200 }));
+    mock.stallAll(false);
+  });
+  afterAll(async () => {
+    await mock.close();
+  });
+  return (client) => {
+    clients.push(client);
+    return client;
   };
 }
