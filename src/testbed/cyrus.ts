@@ -40,6 +40,7 @@ import {
   waitFor,
   WaitAborted,
   type TrackedProcess,
+  startWithPortRetry,
 } from './processes.js';
 import { encodeMailboxName } from '../push/mutf7.js';
 
@@ -457,20 +458,16 @@ export async function startCyrus(opts: CyrusOptions = {}): Promise<CyrusInstance
       },
     };
 
-    for (let attempt = 1; ; attempt++) {
-      try {
-        instance.pid = await start();
-        break;
-      } catch (err) {
-        // A free port can be taken between the probe and Cyrus' bind: retry with new ports.
-        if (attempt >= 3) throw err;
+    instance.pid = await startWithPortRetry(start, {
+      retryable: () => true, // Cyrus' start failure carries no bind error to match: retry any
+      repick: async () => {
         ports = await pickPorts();
         await writeConfig();
         instance.imapPort = ports.imap;
         instance.imapsPort = ports.imaps;
         instance.lmtpPort = ports.lmtp;
-      }
-    }
+      },
+    });
     // Log every user in once: Cyrus creates INBOX on first login (autocreate_quota), so that
     // watchers can EXAMINE it before any delivery.
     try {

@@ -29,6 +29,7 @@ import {
   waitFor,
   WaitAborted,
   type TrackedProcess,
+  startWithPortRetry,
 } from './processes.js';
 import { PUSH_LUA_SCRIPT } from './push-lua.js';
 
@@ -550,14 +551,10 @@ export async function startDovecot(opts: DovecotOptions = {}): Promise<DovecotIn
         if (process.env.XAPS_TESTBED_KEEP !== '1') await fs.rm(dir, { recursive: true, force: true });
       },
     };
-    // A free port can be taken by someone else between our probe and Dovecot's bind: retry
-    // with new ports (only on the first start; restart() keeps its ports).
-    for (let attempt = 1; ; attempt++) {
-      try {
-        instance.pid = await start();
-        break;
-      } catch (err) {
-        if (attempt >= 3 || !/Address already in use/i.test((err as Error).message)) throw err;
+    // only on the first start: restart() keeps its ports
+    instance.pid = await startWithPortRetry(start, {
+      retryable: (err) => /Address already in use/i.test(err.message),
+      repick: async () => {
         ports = await pickPorts();
         await writeConfig(ports);
         instance.imapPort = ports.imap;
@@ -565,8 +562,8 @@ export async function startDovecot(opts: DovecotOptions = {}): Promise<DovecotIn
         instance.lmtpPort = ports.lmtp;
         if (ports.haproxy !== undefined) instance.haproxyPort = ports.haproxy;
         await fs.writeFile(logPath, '');
-      }
-    }
+      },
+    });
     return instance;
   } catch (err) {
     if (process.env.XAPS_TESTBED_KEEP !== '1') await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);

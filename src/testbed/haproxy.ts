@@ -17,6 +17,7 @@ import {
   pidListensOn,
   WaitAborted,
   type TrackedProcess,
+  startWithPortRetry,
 } from './processes.js';
 
 export interface TcpRelayOptions {
@@ -115,17 +116,12 @@ export async function startTcpRelay(opts: TcpRelayOptions): Promise<TcpRelayInst
       }
       return p;
     };
-    // A free port can be taken between our probe and haproxy's bind: retry with another one.
-    let proc: TrackedProcess;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        proc = await start();
-        break;
-      } catch (err) {
-        if (opts.listenPort !== undefined || attempt >= 3 || !/cannot bind|already in use/i.test((err as Error).message)) throw err;
+    const proc: TrackedProcess = await startWithPortRetry(start, {
+      retryable: (err) => opts.listenPort === undefined && /cannot bind|already in use/i.test(err.message),
+      repick: async () => {
         port = await freePort(host);
-      }
-    }
+      },
+    });
 
     let stopping: Promise<void> | undefined;
     return {

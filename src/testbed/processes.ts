@@ -365,3 +365,23 @@ export function descendants(pid: number): number[] {
   }
   return out;
 }
+
+/**
+ * Starts a server on ports probed as free, retrying (up to `attempts` times) when
+ * another process took one between the probe and the bind: `retryable` says which
+ * errors mean that, `repick` chooses new ports and rewrites the configuration.
+ */
+export async function startWithPortRetry<T>(
+  start: () => Promise<T>,
+  opts: { retryable: (err: Error) => boolean; repick: () => Promise<void>; attempts?: number },
+): Promise<T> {
+  const attempts = opts.attempts ?? 3;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start();
+    } catch (err) {
+      if (attempt >= attempts || !opts.retryable(err as Error)) throw err;
+      await opts.repick();
+    }
+  }
+}

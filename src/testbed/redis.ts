@@ -15,6 +15,7 @@ import {
   waitFor,
   WaitAborted,
   type TrackedProcess,
+  startWithPortRetry,
 } from './processes.js';
 
 export type RedisPersistence = 'none' | 'aof' | 'rdb';
@@ -152,20 +153,16 @@ export async function startRedis(opts: RedisOptions = {}): Promise<RedisInstance
     },
   };
   try {
-    // A free port can be taken between our probe and Redis' bind: retry with another one
-    // (only for a port we picked, and only on the first start).
-    for (let attempt = 1; ; attempt++) {
-      try {
-        instance.pid = await start();
-        break;
-      } catch (err) {
-        if (opts.port !== undefined || attempt >= 3 || !/already in use/i.test((err as Error).message)) throw err;
+    // only for a port we picked, and only on the first start
+    instance.pid = await startWithPortRetry(start, {
+      retryable: (err) => opts.port === undefined && /already in use/i.test(err.message),
+      repick: async () => {
         port = await freePort(host);
         await writeConfig();
         instance.port = port;
         instance.url = `redis://${host}:${port}`;
-      }
-    }
+      },
+    });
   } catch (err) {
     if (ownDir) await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);
     throw err;
