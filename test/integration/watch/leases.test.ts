@@ -15,10 +15,11 @@ import { RedisRegistrationStore, userKeys } from '../../../src/store/redis.js';
 import { startRedis, type RedisInstance } from '../../../src/testbed/redis.js';
 import { keySlot, RedisLeaseManager } from '../../../src/watch/leases.js';
 import { WatchSupervisor, type SupervisorTimers } from '../../../src/watch/supervisor.js';
-import type { MailboxChange, UserWatcher, WatcherContext, WatcherFactory } from '../../../src/watch/types.js';
+import type { MailboxChange } from '../../../src/watch/types.js';
 import { FakeTransport, flush, ManualScheduler, TOPIC } from '../../unit/apns/dispatcher-helpers.js';
 import { inputFor, tokenFor } from '../../unit/store/contract.js';
 import { startRedisCluster, type RedisCluster } from '../store/redis-server.js';
+import { FakeFactory, type FakeWatcher } from '../../helpers/fake-watchers.js';
 
 const DAY = 24 * 3600 * 1000;
 let redis: RedisInstance;
@@ -56,40 +57,6 @@ async function waitUntil(what: string, cond: () => boolean | Promise<boolean>, t
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-class FakeWatcher implements UserWatcher {
-  stopped = false;
-  connected = true;
-  constructor(readonly user: string, public mailboxes: string[], readonly ctx: WatcherContext) {}
-  setMailboxes(mailboxes: string[]): void {
-    this.mailboxes = [...mailboxes];
-  }
-  async stop(): Promise<void> {
-    this.stopped = true;
-  }
-}
-
-class FakeFactory implements WatcherFactory {
-  readonly mode = 'notify' as const;
-  readonly started: FakeWatcher[] = [];
-  start(user: string, mailboxes: string[], ctx: WatcherContext): UserWatcher {
-    const w = new FakeWatcher(user, mailboxes, ctx);
-    this.started.push(w);
-    return w;
-  }
-  live(): Map<string, FakeWatcher> {
-    const out = new Map<string, FakeWatcher>();
-    for (const w of this.started) {
-      if (w.stopped) continue;
-      if (out.has(w.user)) throw new Error(`two running watchers for ${w.user}`);
-      out.set(w.user, w);
-    }
-    return out;
-  }
-  liveUsers(): string[] {
-    return [...this.live().keys()].sort();
-  }
-}
 
 /** Real intervals that a test can "crash": they stop firing, and nothing else happens (no release). */
 class CrashableTimers implements SupervisorTimers {
