@@ -17,6 +17,10 @@ import type { UpstreamSettings } from './proxy/upstream.js';
 import { WatchService } from './watch/service.js';
 import { startOpsServer, type OpsServer } from './ops/http.js';
 import { Readiness } from './ops/readiness.js';
+import { observeReadiness } from './ops/readiness-metrics.js';
+import { observeTlsCertificate, proxyMetrics } from './proxy/metrics.js';
+import { instrumentPushHandler, observeApnsCertificate, pushRegistrationMetrics } from './push/metrics.js';
+import { instrumentStore, observeRegistrationCount } from './store/metrics.js';
 
 export interface App {
   proxy: ProxyServer;
@@ -29,9 +33,16 @@ export interface App {
   registry: Registry;
   /** The operations HTTP listener (--metrics-listen: /metrics, /healthz, /readyz); null when it could not bind. */
   ops: OpsServer | null;
-  /** Stops accepting, lets sessions finish up to drainMs, closes the rest. */
+  /**
+   * Stops accepting, lets sessions finish up to drainMs, closes the rest, flushes pending
+   * pushes and closes the store. Calling it again while it runs only shortens the drain
+   * (a second SIGTERM) and returns the same promise.
+   */
   stop(drainMs?: number): Promise<void>;
-  /** SIGHUP: TLS and APNs certificates. Throws (keeping the old ones) when a new file is broken. */
+  /**
+   * SIGHUP: TLS and APNs certificates. Both are tried; throws (keeping the old material of
+   * whatever failed) with one message naming the option of each broken file.
+   */
   reload(): Promise<void>;
 }
 
@@ -50,8 +61,13 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
   const registry = deps.registry ?? createRegistry();
   const pushConfigured = PushService.configured(config);
   const store = pushConfigured
-    ? await createStore({ redisUrl: config.redisUrl, dataDir: config.dataDir, ttlMs: config.registrationTtl, logger: log })
+    ? instrumentStore(
+        await createStore({ redisUrl: config.redisUrl, dataDir: config.dataDir, ttlMs: config.registrationTtl, logger: log }),
+        registry,
+      )
     : null;
+  if (store) observeRegistrationCount(registry, store);
+  pushRegistrationMetrics(registry);
   const upstream: UpstreamSettings = {
     host: config.upstream.host,
     port: config.upstream.port,
@@ -71,7 +87,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     watch = store && dispatcher ? await WatchService.start(config, { store, dispatcher, upstream, registry, log }) : null;
     const service = push;
     const watching = watch;
-    const handler =
+    const unobserved =
       deps.push !== undefined
         ? deps.push
         : store && service
@@ -79,6 +95,8 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
               registered: (r) => watching?.registrationChanged(r.user),
             })
           : null;
+    const handler = unobserved && instrumentPushHandler(unobserved, registry);
+    if (service?.currentCertificate) observeApnsCertificate(registry, () => service.currentCertificate);
     proxy = new ProxyServer({
       listen: config.listen,
       listenTls: config.listenTls,
@@ -86,6 +104,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
       tlsKeyPath: config.tlsKey,
       push: handler,
       log,
+      metrics: proxyMetrics(registry),
       session: {
         upstream,
         idleTimeoutMs: config.idleTimeout,
@@ -102,6 +121,7 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     throw err;
   }
   const server = proxy;
+  if (config.tlsCert) observeTlsCertificate(registry, () => server.tls.options?.cert ?? null);
   const readiness = new Readiness({
     listeners: () => {
       const bound = server.addresses();
@@ -113,7 +133,9 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     upstream,
     store,
     certificate: () => push?.currentCertificate ?? null,
+    draining: () => server.draining,
   });
+  observeReadiness(registry, () => readiness.check());
   // auxiliary: a taken port costs the metrics, not the IMAP service
   const ops = await startOpsServer({ listen: config.metricsListen, registry, readiness: () => readiness.check(), log }).catch(
     (err: unknown) => {
@@ -123,6 +145,8 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     },
   );
   const purge = store ? schedulePurge(store, log) : null;
+  let stopping: Promise<void> | null = null;
+  let flushMs = Infinity;
   const a = proxy.addresses();
   log.info(
     {
@@ -140,19 +164,34 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
     watch,
     registry,
     ops,
-    stop: async (drainMs = 0) => {
-      if (purge) clearInterval(purge);
-      await server.stop(drainMs);
-      await ops?.stop();
-      await watch?.stop();
-      await push?.close({ flushMs: Math.min(drainMs, 5_000) });
-      await store?.close();
+    stop: (drainMs = 0) => {
+      flushMs = Math.min(flushMs, drainMs, 5_000);
+      if (stopping) {
+        void server.stop(drainMs);
+        return stopping;
+      }
+      stopping = (async () => {
+        if (purge) clearInterval(purge);
+        await server.stop(drainMs);
+        // the operations listener answered /readyz with 503 during the drain; now it goes too
+        await ops?.stop();
+        await watch?.stop();
+        await push?.close({ flushMs });
+        await store?.close();
+      })();
+      return stopping;
     },
     reload: async () => {
+      const tlsOption = '--tls-cert/--tls-key';
+      const apnsOption = config.apnsP12 ? '--apns-p12' : '--apns-cert';
       // both are tried; one broken file does not keep the other certificate from reloading
       const results = await Promise.allSettled([Promise.resolve().then(() => server.reloadTls()), push?.reload()]);
-      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason;
+      const problems = results.flatMap((r, i) => {
+        if (r.status === 'fulfilled') return [];
+        const message = String((r.reason as Error | undefined)?.message ?? r.reason).split('\n')[0];
+        return [i === 0 ? `${tlsOption} ("${config.tlsCert}", "${config.tlsKey}"): ${message}` : `${apnsOption}: ${message}`];
+      });
+      if (problems.length > 0) throw new Error(problems.join('; '));
     },
   };
 }

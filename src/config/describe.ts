@@ -101,3 +101,39 @@ export function optionsHelp(command?: Command): string {
   }
   return `${out.join('\n')}\n`;
 }
+
+function markdownCell(text: string): string {
+  return text.replace(/\|/g, '\\|').replace(/\s+/g, ' ').trim();
+}
+
+/**
+ * Every option as one Markdown table (README's "Options" section is generated from this,
+ * and a test keeps the two in step).
+ */
+export function optionsMarkdown(): string {
+  const rows = [
+    '| option | environment | default | commands | meaning |',
+    '|---|---|---|---|---|',
+  ];
+  let group = '';
+  for (const name of optionNames()) {
+    const spec = getOption(name)!;
+    if (spec.group !== group) {
+      group = spec.group;
+      rows.push(`| **${markdownCell(group)}** | | | | |`);
+    }
+    const usage = spec.type.arity === 'switch' ? `--${name}` : `--${name} ${spec.type.placeholder}`;
+    const fallback = spec.required
+      ? 'required'
+      : spec.default !== undefined
+        ? `\`${markdownCell(spec.default)}\``
+        : spec.unsetMeans
+          ? `unset: ${markdownCell(spec.unsetMeans)}`
+          : '';
+    const notes = [spec.secret ? ' (secret: masked when printed)' : '', spec.inFile === false ? ' (not in the config file)' : ''].join('');
+    rows.push(
+      `| \`${markdownCell(usage)}\` | \`${envVarName(name)}\` | ${fallback} | ${spec.commands.join(', ')} | ${markdownCell(spec.description)}${notes} |`,
+    );
+  }
+  return `${rows.join('\n')}\n`;
+}

@@ -51,6 +51,8 @@ interface Entry {
 }
 
 interface Meta {
+  /** What it was loaded from, so that it can be loaded again (SIGHUP). */
+  input: LoadConfigInput;
   command: Command;
   origins: ReadonlyMap<OptionName, Origin>;
   warnings: readonly string[];
@@ -74,6 +76,17 @@ export function configCommand(config: object): Command | undefined {
  */
 export function configWarnings(config: object): readonly string[] {
   return META.get(config)?.warnings ?? [];
+}
+
+/**
+ * The configuration loaded again from the same flags, environment and config file as
+ * `config` (the file is re-read, so edits to it take effect). Throws ConfigError as
+ * `loadConfig` does; `config` itself is left as it was.
+ */
+export function reloadConfig<T extends object>(config: T): T {
+  const meta = META.get(config);
+  if (!meta) throw new Error('reloadConfig: not a configuration returned by loadConfig');
+  return loadConfig(meta.input as LoadConfigInput & { command: Command }) as T;
 }
 
 export function loadConfig(input: LoadConfigInput<'serve'>): Config;
@@ -114,7 +127,7 @@ export function loadConfig(input: LoadConfigInput): object {
   const origins = new Map<OptionName, Origin>();
   for (const [name, entry] of entries) origins.set(name, entry.origin);
   const warnings = [...ruleWarnings(command, config, origins), ...envWarnings(env)];
-  META.set(config, { command, origins, warnings });
+  META.set(config, { input: { argv: [...input.argv], env, cwd, command }, command, origins, warnings });
   return config;
 }
 

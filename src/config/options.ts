@@ -74,7 +74,8 @@ export const OPTIONS = {
     type: v.oneOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
     commands: ALL,
     default: 'info',
-    description: 'Log verbosity (the devices commands log only warnings unless this is set).',
+    description:
+      'Log verbosity (the devices commands log only warnings unless this is set). serve applies a changed value on SIGHUP.',
   }),
 
   // ---- Client side
@@ -96,7 +97,9 @@ export const OPTIONS = {
     group: 'Listeners',
     type: v.readableFile(),
     commands: SERVE,
-    description: 'PEM certificate chain presented to clients (for --listen-tls and STARTTLS on --listen).',
+    description:
+      'PEM certificate chain presented to clients (for --listen-tls and STARTTLS on --listen). Re-read with --tls-key on ' +
+      'SIGHUP; open sessions keep theirs.',
   }),
   'tls-key': option({
     group: 'Listeners',
@@ -368,7 +371,7 @@ export const OPTIONS = {
   }),
   'master-password-file': option({
     group: 'Watching',
-    type: v.readableFile(),
+    type: v.secretFile('the master password'),
     commands: SERVE,
     description: 'File holding the master user password (first line). The password is never logged.',
   }),
@@ -420,7 +423,7 @@ export const OPTIONS = {
   }),
   'events-secret-file': option({
     group: 'Watching',
-    type: v.readableFile(),
+    type: v.secretFile('the events secret'),
     commands: SERVE,
     unsetMeans: 'no shared secret (loopback only)',
     description: 'File holding the shared secret events must carry in the X-Xaps-Secret header (or Authorization: Bearer).',
@@ -443,6 +446,15 @@ export const OPTIONS = {
       'Operations HTTP listener: Prometheus metrics on /metrics, liveness on /healthz and readiness (listeners, ' +
       'upstream, store, APNs certificate) on /readyz. Keep it on loopback or a private network.',
   }),
+  'drain-timeout': option({
+    group: 'Operations',
+    type: v.duration({ min: 0 }),
+    commands: SERVE,
+    default: '30s',
+    description:
+      'On SIGTERM or SIGINT: stop accepting, let open IMAP sessions end by themselves for up to this long, then close ' +
+      'the rest with "* BYE [UNAVAILABLE]". A second SIGTERM ends the wait at once. /readyz answers 503 meanwhile.',
+  }),
 
   // ---- Certificate request: Apple's historical PushCertRequest flow (docs/certificates.md).
   // Used by `cert request|renew`, and by `serve` for auto-renewal when the vendor material is set.
@@ -456,7 +468,7 @@ export const OPTIONS = {
   }),
   'cert-password-file': option({
     group: 'Certificate request (historical PushCertRequest)',
-    type: v.readableFile(),
+    type: v.secretFile('the Apple ID password'),
     commands: ['serve', 'cert'],
     description:
       'File holding the password of --cert-apple-id (its first line; only its SHA-256 is sent, never printed). Keep it 0600.',

@@ -6,12 +6,35 @@
  * Error messages produced here describe the problem only ("expected HOST:PORT"); the loader
  * adds the option name, the offending input (masked for secrets) and its origin.
  */
-import { accessSync, constants as fsConstants, statSync } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, openSync, readSync, statSync } from 'node:fs';
 import { isIP, isIPv4, isIPv6 } from 'node:net';
 import { z } from 'zod';
 import { parseRedisUrl, redactRedisUrl } from '../store/redis-url.js';
 
+/**
+ * What sort of value an option takes. Tests iterate over OPTIONS by kind, so a new kind
+ * (or a new option of a kind with no bad-value case) cannot go unchecked.
+ */
+export type ValueKind =
+  | 'host-port'
+  | 'host-name'
+  | 'duration'
+  | 'boolean'
+  | 'integer'
+  | 'enum'
+  | 'text'
+  | 'checked-text'
+  | 'file'
+  | 'secret-file'
+  | 'directory'
+  | 'redis-url';
+
 export interface ValueType<T> {
+  readonly kind: ValueKind;
+  /** Bounds of `integer` (both) and `duration` (min, in ms). */
+  readonly limits?: { readonly min: number; readonly max?: number };
+  /** The accepted values of `enum`. */
+  readonly values?: readonly string[];
   /** Parses a raw value into T (issues carry messages without option name or input). */
   readonly schema: z.ZodType<T>;
   /** Placeholder in help, e.g. `HOST:PORT`. */
@@ -96,6 +119,7 @@ export function hostPort(): ValueType<HostPort> {
       const r = parseHostPort(s);
       return 'error' in r ? fail(ctx, r.error) : r;
     }),
+    kind: 'host-port',
     placeholder: 'HOST:PORT',
     arity: 'value',
     format: formatHostPort,
@@ -108,6 +132,7 @@ export function hostName(): ValueType<string> {
     schema: nonEmptyString('a host name').refine((s) => isIP(s) !== 0 || isHostname(s), {
       error: 'expected a host name or IP address',
     }),
+    kind: 'host-name',
     placeholder: 'NAME',
     arity: 'value',
     format: (v) => v,
@@ -153,6 +178,7 @@ export function formatDuration(ms: number): string {
   return `${ms}ms`;
 }
 
+/** `min` (ms, default 1): 0 allows a zero duration, e.g. "do not wait". */
 export function duration(opts: { min?: number; minReason?: string } = {}): ValueType<number> {
   const min = opts.min ?? 1;
   return {
@@ -167,6 +193,8 @@ export function duration(opts: { min?: number; minReason?: string } = {}): Value
         }
         return ms;
       }),
+    kind: 'duration',
+    limits: { min },
     placeholder: 'DURATION',
     arity: 'value',
     format: formatDuration,
@@ -189,6 +217,7 @@ export function boolean(): ValueType<boolean> {
         if (FALSE.has(s)) return false;
         return fail(ctx, 'expected true|false|1|0|yes|no');
       }),
+    kind: 'boolean',
     placeholder: '',
     arity: 'switch',
     format: (v) => v,
@@ -208,6 +237,8 @@ export function integer(opts: { min?: number; max?: number } = {}): ValueType<nu
         if (n < min || n > max) return fail(ctx, `must be between ${min} and ${max}`);
         return n;
       }),
+    kind: 'integer',
+    limits: { min, max },
     placeholder: 'N',
     arity: 'value',
     format: (v) => v,
@@ -222,6 +253,8 @@ export function oneOf<const V extends readonly [string, ...string[]]>(values: V)
       .trim()
       .toLowerCase()
       .pipe(z.enum(values, { error: expected })) as unknown as z.ZodType<V[number]>,
+    kind: 'enum',
+    values,
     placeholder: values.join('|'),
     arity: 'value',
     format: (v) => v,
@@ -236,6 +269,7 @@ export function text(opts: { placeholder: string; expected?: string; check?: (s:
       const problem = check(s);
       return problem === undefined ? s : fail(ctx, problem);
     }) : base,
+    kind: check ? 'checked-text' : 'text',
     placeholder: opts.placeholder,
     arity: 'value',
     format: (v) => v,
@@ -271,6 +305,7 @@ export function readableFile(): ValueType<string> {
       const why = unreadableFileReason(p);
       return why === undefined ? p : fail(ctx, `cannot read file "${p}": ${why}`, true);
     }),
+    kind: 'file',
     placeholder: 'FILE',
     arity: 'value',
     isPath: true,
@@ -278,10 +313,57 @@ export function readableFile(): ValueType<string> {
   };
 }
 
-/** A directory path (made absolute; created by whoever uses it). */
+/** The first line of a file, at most `max` bytes read (secret files are one short line). */
+function firstLineOf(path: string, max = 4096): string {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(max);
+    const n = readSync(fd, buf, 0, max, 0);
+    return buf.subarray(0, n).toString('utf8').split(/\r?\n/, 1)[0] ?? '';
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * A readable file whose first line holds a secret (a password, a shared secret). Checked
+ * for being non-empty at load time, so `config check` catches an empty file instead of the
+ * running proxy; the content is never part of a message.
+ */
+export function secretFile(what: string): ValueType<string> {
+  return {
+    schema: nonEmptyString('a file path').transform((p, ctx): string => {
+      const why = unreadableFileReason(p);
+      if (why !== undefined) return fail(ctx, `cannot read file "${p}": ${why}`, true);
+      let line: string;
+      try {
+        line = firstLineOf(p);
+      } catch (err) {
+        return fail(ctx, `cannot read file "${p}": ${describeFsError(err)}`, true);
+      }
+      return line.trim() === '' ? fail(ctx, `"${p}": the first line (${what}) is empty`, true) : p;
+    }),
+    kind: 'secret-file',
+    placeholder: 'FILE',
+    arity: 'value',
+    isPath: true,
+    format: (v) => v,
+  };
+}
+
+/** A directory path (made absolute; created by whoever uses it, so it need not exist yet). */
 export function directory(): ValueType<string> {
   return {
-    schema: nonEmptyString('a directory path'),
+    schema: nonEmptyString('a directory path').transform((p, ctx): string => {
+      let isDirectory: boolean;
+      try {
+        isDirectory = statSync(p).isDirectory();
+      } catch {
+        return p; // missing (created later) or not inspectable here: whoever uses it reports that
+      }
+      return isDirectory ? p : fail(ctx, `"${p}" exists and is not a directory`, true);
+    }),
+    kind: 'directory',
     placeholder: 'DIR',
     arity: 'value',
     isPath: true,
@@ -309,6 +391,7 @@ export function redisUrl(): ValueType<string> {
         return fail(ctx, message);
       }
     }),
+    kind: 'redis-url',
     placeholder: 'URL',
     arity: 'value',
     format: (v) => v,

@@ -37,6 +37,16 @@ export function createLogger(opts: LogOptions = {}): Logger {
   return pino(base);
 }
 
+/**
+ * Changes the level at run time (SIGHUP). Loggers made from `root` with `child(bindings)`
+ * follow, including those of sessions already open: a pino child without a level of its
+ * own takes its level methods from its parent through the prototype chain. A child created
+ * with an explicit `{ level }` would keep that level, so none is.
+ */
+export function setLogLevel(root: Logger, level: LevelWithSilent): void {
+  root.level = level;
+}
+
 /** A logger that drops everything (tests, library use). */
 export function silentLogger(): Logger {
   return pino({ level: 'silent' });

@@ -37,6 +37,8 @@ export interface ReadinessSources {
   store: RegistrationStore | null;
   /** The current APNs certificate, or null when there is none. */
   certificate: () => LoadedCertificate | null;
+  /** True while shutting down: not ready, whatever else holds, so load balancers stop sending. */
+  draining?: () => boolean;
   /** Per-check time limit (default 2 s). */
   timeoutMs?: number;
   /** How long a report is reused (default 1 s). */
@@ -97,7 +99,7 @@ export function checkCertificate(cert: LoadedCertificate, now: number): Certific
 }
 
 export class Readiness {
-  private cached: { at: number; report: ReadinessReport } | null = null;
+  private cached: { at: number; draining: boolean; report: ReadinessReport } | null = null;
   private running: Promise<ReadinessReport> | null = null;
 
   constructor(private readonly src: ReadinessSources) {}
@@ -105,7 +107,11 @@ export class Readiness {
   /** The cached report when fresh, else a new one (concurrent callers share one run). */
   check(): Promise<ReadinessReport> {
     const now = (this.src.now ?? Date.now)();
-    if (this.cached && now - this.cached.at < (this.src.cacheMs ?? 1_000)) return Promise.resolve(this.cached.report);
+    const cached = this.cached;
+    // a report cached before the drain began must not keep saying "ready"
+    if (cached && now - cached.at < (this.src.cacheMs ?? 1_000) && cached.draining === this.draining()) {
+      return Promise.resolve(cached.report);
+    }
     if (!this.running) {
       this.running = this.run().finally(() => {
         this.running = null;
@@ -114,9 +120,15 @@ export class Readiness {
     return this.running;
   }
 
+  private draining(): boolean {
+    return this.src.draining?.() ?? false;
+  }
+
   private async run(): Promise<ReadinessReport> {
     const timeoutMs = this.src.timeoutMs ?? 2_000;
+    const draining = this.draining();
     const listeners = ((): CheckResult => {
+      if (draining) return { ok: false, error: 'draining: shutting down, new connections are refused' };
       const down = this.src.listeners().filter((l) => !l.bound).map((l) => l.name);
       return down.length === 0 ? { ok: true } : { ok: false, error: `not listening: ${down.join(', ')}` };
     })();
@@ -143,7 +155,7 @@ export class Readiness {
     if (certificate) checks.certificate = certificate;
     const ready = Object.values(checks).every((c) => c.ok);
     const report: ReadinessReport = { ready, checks };
-    this.cached = { at: (this.src.now ?? Date.now)(), report };
+    this.cached = { at: (this.src.now ?? Date.now)(), draining, report };
     return report;
   }
 }

@@ -8,6 +8,7 @@ import tls from 'node:tls';
 import { readFileSync } from 'node:fs';
 import type { Logger } from '../ops/log.js';
 import { Session, type PushCommandHandler, type SessionSettings, type SessionEvents } from './session.js';
+import type { ListenerName, ProxyMetrics } from './metrics.js';
 
 export interface HostPort {
   host: string;
@@ -23,6 +24,7 @@ export interface ProxyServerOptions {
   push: PushCommandHandler | null;
   log: Logger;
   events?: SessionEvents;
+  metrics?: ProxyMetrics;
 }
 
 export class TlsMaterial {
@@ -62,6 +64,11 @@ export class ProxyServer {
   private plainServer: net.Server | null = null;
   private tlsServer: tls.Server | null = null;
   private stopping = false;
+  private stopped: Promise<void> | null = null;
+  private drainDeadline = Infinity;
+  private drainTimer: NodeJS.Timeout | null = null;
+  /** Ends the wait of a drain in progress (deadline reached, or the last session closed). */
+  private endDrain: (() => void) | null = null;
 
   constructor(private readonly opts: ProxyServerOptions) {
     this.tls = new TlsMaterial(opts.tlsCertPath, opts.tlsKeyPath);
@@ -71,16 +78,21 @@ export class ProxyServer {
     return { ...this.opts.session, starttls: () => this.tls.secureContext };
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(socket: net.Socket, listener: ListenerName): void {
     if (this.stopping) {
+      this.opts.metrics?.rejected('shutting_down');
       socket.destroy();
       return;
     }
     socket.on('error', () => undefined); // errors before the session attaches its handlers
+    const observed = this.opts.metrics?.opened(listener, socket instanceof tls.TLSSocket) ?? {};
     const events: SessionEvents = {
+      ...observed,
       authenticated: (s, u) => this.opts.events?.authenticated?.(s, u),
       closed: (s) => {
+        observed.closed?.(s);
         this.sessions.delete(s);
+        if (this.sessions.size === 0) this.endDrain?.();
         this.opts.events?.closed?.(s);
       },
     };
@@ -95,14 +107,14 @@ export class ProxyServer {
   async start(): Promise<void> {
     const { listen, listenTls } = this.opts;
     if (listen) {
-      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      const server = net.createServer({ noDelay: true }, (s) => this.accept(s, 'listen'));
       await this.listenOn(server, listen);
       this.plainServer = server;
     }
     if (listenTls) {
       const material = this.tls.options;
       if (!material) throw new Error('--listen-tls needs --tls-cert and --tls-key');
-      const server = tls.createServer({ ...material, noDelay: true } as tls.TlsOptions, (s) => this.accept(s));
+      const server = tls.createServer({ ...material, noDelay: true } as tls.TlsOptions, (s) => this.accept(s, 'listen-tls'));
       server.on('tlsClientError', (err, socket) => {
         this.opts.log.debug({ err: err.message, client: socket.remoteAddress }, 'client TLS handshake failed');
       });
@@ -139,15 +151,44 @@ export class ProxyServer {
     if (this.tlsServer && material) this.tlsServer.setSecureContext(material);
   }
 
-  /** Stops accepting; closes the sessions still open after `drainMs` with a BYE. */
-  async stop(drainMs = 0): Promise<void> {
-    this.stopping = true;
-    const closing = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+  /** True once stop() was called: no new connections are accepted. */
+  get draining(): boolean {
+    return this.stopping;
+  }
+
+  /**
+   * Stops accepting; closes the sessions still open after `drainMs` with
+   * `* BYE [UNAVAILABLE]`. A later call while draining can only shorten the wait (a second
+   * SIGTERM: `stop(0)` closes at once); every call resolves when the listeners are closed.
+   */
+  stop(drainMs = 0): Promise<void> {
     const deadline = Date.now() + drainMs;
-    while (this.sessions.size > 0 && Date.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 100));
+    if (this.stopped) {
+      if (deadline < this.drainDeadline) this.drainUntil(deadline);
+      return this.stopped;
     }
-    for (const s of [...this.sessions]) s.close('server shutting down', 'Server shutting down.');
+    this.stopping = true;
+    this.stopped = this.drainAndClose(deadline);
+    return this.stopped;
+  }
+
+  private drainUntil(deadline: number): void {
+    this.drainDeadline = deadline;
+    if (this.drainTimer) clearTimeout(this.drainTimer);
+    this.drainTimer = setTimeout(() => this.endDrain?.(), Math.max(0, deadline - Date.now()));
+  }
+
+  private async drainAndClose(deadline: number): Promise<void> {
+    const closing = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+    if (this.sessions.size > 0) {
+      await new Promise<void>((resolve) => {
+        this.endDrain = resolve;
+        this.drainUntil(deadline);
+      });
+    }
+    if (this.drainTimer) clearTimeout(this.drainTimer);
+    this.endDrain = null;
+    for (const s of [...this.sessions]) s.close('server shutting down', '[UNAVAILABLE] Server shutting down, try again later');
     await Promise.all(closing);
   }
 }

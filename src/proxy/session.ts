@@ -52,6 +52,15 @@ export interface SessionSettings {
 export interface SessionEvents {
   authenticated?(session: Session, user: string | null): void;
   closed?(session: Session): void;
+  /**
+   * A client command begins (forwarded or answered locally): `name` as commandHead read it, null for a line
+   * that is no command; `line` is its first line. Observation only: the session does not wait for it.
+   */
+  command?(session: Session, name: string | null, line: Buffer): void;
+  /** The client's leg switched to TLS (STARTTLS). */
+  tlsStarted?(session: Session): void;
+  /** The upstream leg could not be opened, or greeted with BYE: the client got a BYE. */
+  upstreamFailed?(session: Session, err: unknown): void;
 }
 
 type MessageMode = 'forward' | 'capture' | 'collect' | 'discard' | 'exchange';
@@ -163,6 +172,7 @@ export class Session {
       if (up.greetingStatus === 'PREAUTH') this.authenticated = true;
       this.writeClient(rewriteCapabilityLine(up.greeting, this.capabilityPolicy()));
       if (up.greetingStatus === 'BYE') {
+        this.events.upstreamFailed?.(this, new UpstreamUnavailableError('upstream greeted with BYE', 'greeting'));
         this.byeSent = true;
         this.closeSoon();
         return;
@@ -174,6 +184,7 @@ export class Session {
     } catch (err) {
       const reason = err instanceof UpstreamUnavailableError ? err.message : String(err);
       this.log.warn({ reason }, 'upstream unavailable');
+      this.events.upstreamFailed?.(this, err);
       if (!this.closed) {
         this.writeClient(Buffer.from('* BYE [UNAVAILABLE] Mail server is unavailable, try again later\r\n'));
         this.byeSent = true;
@@ -212,8 +223,11 @@ export class Session {
   };
   private readonly onUpstreamDataBound = (chunk: Buffer) => this.onUpstreamData(chunk);
   private readonly onUpstreamEnd = () => {
+    const boundary = this.sf.atBoundary;
     const rest = this.sf.drain(); // an unterminated last line still belongs to the client
     if (rest.length > 0) this.writeClient(rest);
+    // the server went away without a BYE (crashed, killed): say it for it, as on a connection error
+    else if (boundary) this.sayBye('[UNAVAILABLE] Connection to the mail server was lost');
     this.shutdown('upstream closed');
   };
   private readonly onUpstreamError = (err: Error) => {
@@ -379,6 +393,7 @@ export class Session {
     const ex = this.exchange;
     if (ex && this.isExchangeLine(ex, seg)) return { ...base, tag: ex.tag, name: null, mode: 'exchange' };
     const head = commandHead(seg.data);
+    this.events.command?.(this, head?.name ?? null, seg.data);
     if (!head) return { ...base, tag: null, name: null, mode: 'forward' };
     const { tag, name } = head;
     const local = this.localKind(name);
@@ -599,6 +614,7 @@ export class Session {
     secure.once('secure', () => {
       this.clientHandshaking = false;
       this.clientTls = true;
+      this.events.tlsStarted?.(this);
       this.attachClient(secure);
       secure.setTimeout(this.settings.idleTimeoutMs);
       this.log.debug({ protocol: secure.getProtocol() }, 'client STARTTLS complete');
@@ -634,6 +650,7 @@ export class Session {
       this.flow();
       this.pumpClient();
     } catch (err) {
+      this.events.upstreamFailed?.(this, err);
       this.sayBye('[UNAVAILABLE] Mail server is unavailable, try again later');
       this.shutdown(`upstream reconnect failed: ${String(err)}`);
     }

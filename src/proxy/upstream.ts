@@ -33,6 +33,17 @@ export interface ClientEndpoint extends ForwardedAddress {
 const READ_SIZE = 256 * 1024;
 const POOL_MAX = 64;
 const pool: Buffer[] = [];
+/** A read shorter than this (a page) means the connection is interactive or idle, not streaming. */
+const SMALL_READ = 4096;
+/**
+ * The one buffer that every quiet connection reads into. Node keeps the buffer it was last given
+ * attached to a socket until that socket's next read, so a pooled buffer handed to an idle
+ * connection would stay with it: 256 KiB of address space and some resident pages per idle
+ * session. Reads run one at a time on the event loop and what lands here is copied out before the
+ * read callback returns, so one buffer serves them all.
+ */
+let shared: Buffer | null = null;
+const noRelease = (): void => undefined;
 
 /** Sink of a ReadPump: returns true when done with the view, or false and calls `release` later. */
 export type ReadSink = (view: Buffer, release: () => void) => boolean;
@@ -40,24 +51,34 @@ export type ReadSink = (view: Buffer, release: () => void) => boolean;
 /**
  * Reads of plaintext upstream connections land in large recycled buffers instead
  * of a fresh allocation per read, the relay's largest cost after the system
- * calls. Buffers come from a process-wide pool at the moment data is there to
- * read, so idle connections hold none. A receiver gets a view that is valid until
- * it is done with it: it returns true at once, or false (reading stops until
+ * calls. Node asks for the next buffer right after each read and keeps it until
+ * the following one, so a connection is given a buffer from the process-wide pool
+ * only while it streams (its last read was at least SMALL_READ); a quiet one gets
+ * the shared buffer, whose reads are handed on as copies, so idle connections hold
+ * no buffer of their own. A receiver gets a view that is valid until it is done
+ * with it: it returns true at once, or false (reading stops until
  * `socket.resume()`) and calls `release` when nothing points into the view anymore.
  */
 export class ReadPump {
   private sink: ReadSink | null = null;
   private held: Buffer[] = [];
+  private lastRead = 0;
 
-  readonly buffer = (): Buffer => pool.pop() ?? Buffer.allocUnsafe(READ_SIZE);
+  readonly buffer = (): Buffer =>
+    this.lastRead < SMALL_READ ? (shared ??= Buffer.allocUnsafe(READ_SIZE)) : (pool.pop() ?? Buffer.allocUnsafe(READ_SIZE));
 
   readonly onread = (n: number, buf: Buffer): boolean => {
-    const release = () => {
-      if (pool.length < POOL_MAX) pool.push(buf);
-    };
-    const view = buf.subarray(0, n);
+    this.lastRead = n;
+    const fromShared = buf === shared;
+    // nothing may point into the shared buffer once this call returns: pass on a copy
+    const view = fromShared ? Buffer.from(buf.subarray(0, n)) : buf.subarray(0, n);
+    const release = fromShared
+      ? noRelease
+      : () => {
+          if (pool.length < POOL_MAX) pool.push(buf);
+        };
     if (!this.sink) {
-      this.held.push(Buffer.from(view)); // nobody reads yet: keep a copy
+      this.held.push(fromShared ? view : Buffer.from(view)); // nobody reads yet: keep a copy
       release();
       return true;
     }
@@ -89,7 +110,28 @@ export interface UpstreamConnection {
   leftover: Buffer;
 }
 
-export class UpstreamUnavailableError extends Error {}
+/** Why an upstream leg could not be opened: a fixed set, so that it can label metrics. */
+export const UPSTREAM_FAILURE_REASONS = ['refused', 'timeout', 'tls', 'greeting', 'closed', 'other'] as const;
+export type UpstreamFailureReason = (typeof UPSTREAM_FAILURE_REASONS)[number];
+
+export class UpstreamUnavailableError extends Error {
+  constructor(
+    message: string,
+    readonly reason: UpstreamFailureReason = 'other',
+  ) {
+    super(message);
+  }
+}
+
+/** A socket error's reason: the errno code says whether the server refused, vanished or timed out. */
+function socketFailureReason(err: Error): UpstreamFailureReason {
+  const code = (err as NodeJS.ErrnoException).code ?? '';
+  if (code === 'ECONNREFUSED') return 'refused';
+  if (code === 'ETIMEDOUT') return 'timeout';
+  if (code === 'ECONNRESET' || code === 'EPIPE') return 'closed';
+  if (code.startsWith('ERR_SSL') || code.startsWith('ERR_TLS')) return 'tls';
+  return 'other';
+}
 
 const MAX_SETUP_RESPONSE = 256 * 1024;
 
@@ -101,8 +143,8 @@ class SetupReader {
   private waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private failure: Error | null = null;
   private readonly onData = (chunk: Buffer) => this.feed(chunk);
-  private readonly onEnd = () => this.fail(new UpstreamUnavailableError('upstream closed the connection during setup'));
-  private readonly onError = (err: Error) => this.fail(new UpstreamUnavailableError(err.message));
+  private readonly onEnd = () => this.fail(new UpstreamUnavailableError('upstream closed the connection during setup', 'closed'));
+  private readonly onError = (err: Error) => this.fail(new UpstreamUnavailableError(err.message, socketFailureReason(err)));
 
   constructor(
     private readonly socket: net.Socket,
@@ -119,7 +161,7 @@ class SetupReader {
     for (let seg = this.framer.next(); seg; seg = this.framer.next()) {
       this.current.push(seg.data);
       if (seg.type === 'line' && !seg.complete) {
-        return this.fail(new UpstreamUnavailableError('upstream sent an over-long line during setup'));
+        return this.fail(new UpstreamUnavailableError('upstream sent an over-long line during setup', 'greeting'));
       }
       if (seg.type === 'line' && seg.literal === null) {
         this.ready.push(Buffer.concat(this.current));
@@ -161,7 +203,7 @@ class SetupReader {
       const head = classifyResponse(r);
       if (head.kind === 'tagged' && head.tag === tag) return { tagged: r, untagged };
       if (head.kind === 'status' && head.status === 'BYE') {
-        throw new UpstreamUnavailableError(`upstream said ${r.toString('latin1').trim()}`);
+        throw new UpstreamUnavailableError(`upstream said ${r.toString('latin1').trim()}`, 'closed');
       }
       untagged.push(r);
     }
@@ -183,7 +225,7 @@ function connectTcp(s: UpstreamSettings, pump: ReadPump | null): Promise<net.Soc
     socket.setNoDelay(true);
     const onError = (err: Error) => {
       socket.destroy();
-      reject(new UpstreamUnavailableError(`cannot connect to ${s.host}:${s.port}: ${err.message}`));
+      reject(new UpstreamUnavailableError(`cannot connect to ${s.host}:${s.port}: ${err.message}`, socketFailureReason(err)));
     };
     socket.once('error', onError);
     socket.once('connect', () => {
@@ -205,7 +247,7 @@ function wrapTls(socket: net.Socket, s: UpstreamSettings): Promise<tls.TLSSocket
     });
     const onError = (err: Error) => {
       secure.destroy();
-      reject(new UpstreamUnavailableError(`TLS to upstream failed: ${err.message}`));
+      reject(new UpstreamUnavailableError(`TLS to upstream failed: ${err.message}`, 'tls'));
     };
     secure.once('error', onError);
     secure.once('secureConnect', () => {
@@ -220,10 +262,11 @@ function isTagged(r: Buffer, status: string): boolean {
   return head.kind === 'tagged' && head.status === status;
 }
 
-async function establish(s: UpstreamSettings, client: ClientEndpoint): Promise<UpstreamConnection> {
+async function establish(s: UpstreamSettings, client: ClientEndpoint, connected: (tcp: net.Socket) => void): Promise<UpstreamConnection> {
   // TLS needs a socket that emits its reads; only plaintext legs use the pump
   const pump = s.tls === 'none' ? new ReadPump() : null;
   let socket = await connectTcp(s, pump);
+  connected(socket);
   try {
     if (s.clientIp === 'proxy-v2') {
       socket.write(
@@ -241,7 +284,7 @@ async function establish(s: UpstreamSettings, client: ClientEndpoint): Promise<U
     let greeting = await reader.response();
     const head = classifyResponse(greeting);
     if (head.kind !== 'status' || !['OK', 'PREAUTH', 'BYE'].includes(head.status)) {
-      throw new UpstreamUnavailableError(`unexpected upstream greeting: ${greeting.toString('latin1', 0, 80).trim()}`);
+      throw new UpstreamUnavailableError(`unexpected upstream greeting: ${greeting.toString('latin1', 0, 80).trim()}`, 'greeting');
     }
     const greetingStatus = head.status as UpstreamConnection['greetingStatus'];
     if (greetingStatus === 'BYE') return { socket, pump, greeting, greetingStatus, leftover: reader.detach() };
@@ -250,7 +293,7 @@ async function establish(s: UpstreamSettings, client: ClientEndpoint): Promise<U
       socket.write('S STARTTLS\r\n');
       const { tagged } = await reader.until('S');
       if (!isTagged(tagged, 'OK')) {
-        throw new UpstreamUnavailableError(`upstream refused STARTTLS: ${tagged.toString('latin1').trim()}`);
+        throw new UpstreamUnavailableError(`upstream refused STARTTLS: ${tagged.toString('latin1').trim()}`, 'tls');
       }
       reader.detach(); // anything sent before the handshake is discarded
       socket = await wrapTls(socket, s);
@@ -285,14 +328,21 @@ export async function openUpstream(s: UpstreamSettings, client: ClientEndpoint):
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(
-      () => reject(new UpstreamUnavailableError(`upstream ${s.host}:${s.port} did not answer within ${s.connectTimeoutMs} ms`)),
+      () => reject(new UpstreamUnavailableError(`upstream ${s.host}:${s.port} did not answer within ${s.connectTimeoutMs} ms`, 'timeout')),
       s.connectTimeoutMs,
     );
   });
-  const attempt = establish(s, client);
+  // a server that accepts but never greets would hold the attempt, and its socket, forever
+  const leg: { tcp: net.Socket | null; abandoned: boolean } = { tcp: null, abandoned: false };
+  const attempt = establish(s, client, (tcp) => {
+    if (leg.abandoned) tcp.destroy();
+    else leg.tcp = tcp;
+  });
   try {
     return await Promise.race([attempt, timeout]);
   } catch (err) {
+    leg.abandoned = true;
+    leg.tcp?.destroy();
     attempt.then((c) => c.socket.destroy(), () => undefined);
     throw err;
   } finally {

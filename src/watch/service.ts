@@ -17,6 +17,7 @@ import { NotifyWatcherFactory } from './notify.js';
 import { IdleWatcherFactory } from './idle.js';
 import { EventsListener, eventsListenerOptionsFromConfig } from './events.js';
 import { WatchSupervisor } from './supervisor.js';
+import { watchMetrics } from './watch-metrics.js';
 import { LocalLeaseManager, RedisLeaseManager } from './leases.js';
 import type { ChangeSink, MailboxChange, UserWatcher, WatcherContext, WatcherFactory } from './types.js';
 
@@ -75,11 +76,24 @@ export class WatchService {
 
   static async start(s: WatchSettings, deps: WatchDeps): Promise<WatchService | null> {
     const { log, registry, store, dispatcher } = deps;
-    const onChange: ChangeSink = (c: MailboxChange) => {
-      void dispatcher.notify({ user: c.user, mailbox: c.mailbox, changeId: c.changeId, detectedAt: c.detectedAt });
-    };
+    // Resolves once the push is done with: the watchers store the mailbox state only then (./tracker.ts). A catch-up
+    // change skips the change guard: the state it was compared with says its push never went out, though a watcher
+    // that died before pushing may have claimed it (Redis keeps the claim; the catch-up would be lost behind it).
+    const onChange: ChangeSink = (c: MailboxChange) =>
+      dispatcher.notifyAndWait({
+        user: c.user,
+        mailbox: c.mailbox,
+        changeId: c.source === 'catch-up' ? undefined : c.changeId,
+        detectedAt: c.detectedAt,
+      });
     if (s.watch === 'events') {
-      const events = new EventsListener(await eventsListenerOptionsFromConfig(s, { onChange, log, registry }));
+      // the watchers count their changes by source in their tracker; events bypass it
+      const changes = watchMetrics(registry).changes;
+      const counted: ChangeSink = (c) => {
+        changes.inc({ source: c.source });
+        return onChange(c);
+      };
+      const events = new EventsListener(await eventsListenerOptionsFromConfig(s, { onChange: counted, log, registry }));
       const at = await events.start();
       log.info({ listen: `${at.host}:${at.port}` }, 'listening for new-mail events');
       return new WatchService('events', null, events, []);

@@ -9,11 +9,20 @@ import { ROOT, cleanEnv } from '../unit/cli/helpers.js';
 export interface ServeProcess {
   child: ChildProcess;
   pid: number;
+  /** The plain --listen port. */
   port: number;
+  /** The --metrics-listen port (/metrics, /healthz, /readyz). */
+  metricsPort: number;
   /** Everything the process wrote to stderr so far. */
   stderr(): string;
-  /** Resolves once the process has exited (at once if it already has). */
+  /** Everything the process wrote to stdout so far (its JSON log lines). */
+  stdout(): string;
+  /** Resolves once the process has exited and its output is read (at once if so already). */
   exited(): Promise<void>;
+  /** Exit code, or the signal that ended it; null while it runs. */
+  exitStatus(): { code: number | null; signal: NodeJS.Signals | null } | null;
+  /** Sends `signal` to the process (if it still runs). */
+  signal(signal: NodeJS.Signals): void;
   /** SIGKILL at once (a crash). */
   kill9(): Promise<void>;
   /** SIGTERM, then SIGKILL after `graceMs`. Idempotent. */
@@ -29,21 +38,33 @@ function tsxEntry(): string {
 /** Spawns `serve --listen 127.0.0.1:<free port> ...args` and waits until it accepts IMAP connections. */
 export async function spawnServe(args: string[], opts: { startTimeoutMs?: number } = {}): Promise<ServeProcess> {
   const port = await freePort();
+  const metricsPort = await freePort();
   const child = spawn(
     process.execPath,
-    ['--import', tsxEntry(), path.join(ROOT, 'src/cli/main.ts'), 'serve', '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${await freePort()}`, ...args],
-    { env: cleanEnv(), stdio: ['ignore', 'ignore', 'pipe'] },
+    ['--import', tsxEntry(), path.join(ROOT, 'src/cli/main.ts'), 'serve', '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metricsPort}`, ...args],
+    { env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let stderr = '';
+  let stdout = '';
   child.stderr!.on('data', (d) => (stderr += d));
-  const exit = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  const exited = () => (child.exitCode !== null || child.signalCode !== null ? Promise.resolve() : exit);
+  // always read, so that a chatty log level cannot fill the pipe and stall the proxy
+  child.stdout!.on('data', (d) => (stdout += d));
+  // 'close' comes after 'exit' once stdout and stderr are drained: no log line is missed
+  const closed = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  const running = () => child.exitCode === null && child.signalCode === null;
+  const exited = () => closed;
   const proc: ServeProcess = {
     child,
     pid: child.pid!,
     port,
+    metricsPort,
     stderr: () => stderr,
+    stdout: () => stdout,
     exited,
+    exitStatus: () => (running() ? null : { code: child.exitCode, signal: child.signalCode }),
+    signal(signal) {
+      if (running()) process.kill(child.pid!, signal);
+    },
     async kill9() {
       if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGKILL');
       await exited();
