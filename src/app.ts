@@ -5,6 +5,7 @@
  */
 import { readFileSync } from 'node:fs';
 import type { Config } from './config/index.js';
+import type { TlsMinVersion } from './config/options.js';
 import type { Logger } from './ops/log.js';
 import { createRegistry, type Registry } from './ops/metrics.js';
 import { ProxyServer } from './proxy/server.js';
@@ -102,12 +103,16 @@ export async function startApp(config: Config, log: Logger, deps: AppDeps = {}):
       listenTls: config.listenTls,
       tlsCertPath: config.tlsCert,
       tlsKeyPath: config.tlsKey,
+      tlsPolicy: { minVersion: config.tlsMinVersion as TlsMinVersion, ciphers: config.tlsCiphers },
+      maxConnections: config.maxConnections,
+      maxConnectionsPerIp: config.maxConnectionsPerIp,
       push: handler,
       log,
       metrics: proxyMetrics(registry),
       session: {
         upstream,
         idleTimeoutMs: config.idleTimeout,
+        loginTimeoutMs: config.loginTimeout,
         preauthMaxLine: PREAUTH_MAX_LINE,
         localCommandMax: PREAUTH_MAX_LINE,
         allowPlaintextAuth: config.allowPlaintextAuth,

@@ -16,6 +16,7 @@
  * and `config.metricsListen: HostPort | undefined` (non-optional when it has a `default`
  * or `required: true`). Only when it constrains other options does it also need a RULES entry.
  */
+import { createSecureContext } from 'node:tls';
 import { z } from 'zod';
 import * as v from './values.js';
 import type { HostPort, ValueType } from './values.js';
@@ -48,6 +49,27 @@ export interface OptionSpec<T = unknown> {
 /** Identity helper that keeps the literal types of an entry (commands, default, required). */
 function option<const D extends OptionSpec<any>>(spec: D): D {
   return spec;
+}
+
+/**
+ * Default --tls-ciphers: forward-secret AEAD suites only. OpenSSL expands it to ECDHE-{ECDSA,RSA}-AES256-GCM-SHA384,
+ * ECDHE-{ECDSA,RSA}-AES128-GCM-SHA256 and ECDHE-{ECDSA,RSA}-CHACHA20-POLY1305, in that order (the server's order
+ * wins). Node's own default list also allows RSA key exchange (no forward secrecy) and CBC suites.
+ */
+export const DEFAULT_TLS_CIPHERS = 'ECDHE+AESGCM:ECDHE+CHACHA20';
+
+export const TLS_MIN_VERSIONS = ['TLSv1.2', 'TLSv1.3'] as const;
+export type TlsMinVersion = (typeof TLS_MIN_VERSIONS)[number];
+
+/** Why OpenSSL refuses a cipher list (undefined: it is usable). */
+function cipherListProblem(ciphers: string): string | undefined {
+  try {
+    createSecureContext({ ciphers });
+    return undefined;
+  } catch (err) {
+    const reason = String((err as Error).message ?? err).replace(/^error:[0-9A-F]+:[^:]*::/i, '');
+    return `not a usable OpenSSL cipher list (${reason})`;
+  }
 }
 
 const ALL = ['serve', 'devices', 'test-push', 'cert'] as const;
@@ -125,6 +147,57 @@ export const OPTIONS = {
     commands: SERVE,
     default: '35m',
     description: 'Close client connections idle for longer than this. At least 30m.',
+  }),
+  'login-timeout': option({
+    group: 'Listeners',
+    type: v.duration(),
+    commands: SERVE,
+    default: '3m',
+    description:
+      'Close a client connection that has not logged in this long after it was accepted, whatever it sends meanwhile ' +
+      '(with "* BYE"); 3m is what Dovecot\'s own login processes allow. The TLS handshake on --listen-tls must ' +
+      'complete within the shorter of this and 30s. After login --idle-timeout applies.',
+  }),
+  'max-connections': option({
+    group: 'Listeners',
+    type: v.integer({ min: 0, max: 10_000_000 }),
+    commands: SERVE,
+    default: '20000',
+    description:
+      'Most client connections open at once, on both listeners together (0: unlimited). Further ones are answered ' +
+      '"* BYE [UNAVAILABLE]" and closed. Each session holds two file descriptors: keep this below half the process ' +
+      'limit (LimitNOFILE).',
+  }),
+  'max-connections-per-ip': option({
+    group: 'Listeners',
+    type: v.integer({ min: 0, max: 10_000_000 }),
+    commands: SERVE,
+    default: '500',
+    description:
+      'Most client connections open at once from one address, IPv6 addresses counted per /64 (0: unlimited). ' +
+      'Further ones are answered "* BYE [UNAVAILABLE] Too many connections from your address" and closed. The ' +
+      'address is the TCP peer\'s: behind a load balancer that hides client addresses, set 0.',
+  }),
+  'tls-min-version': option({
+    group: 'Listeners',
+    type: v.text({
+      placeholder: TLS_MIN_VERSIONS.join('|'),
+      expected: 'a TLS version',
+      check: (s) => ((TLS_MIN_VERSIONS as readonly string[]).includes(s) ? undefined : `expected ${TLS_MIN_VERSIONS.join(' or ')}`),
+    }),
+    commands: SERVE,
+    default: 'TLSv1.2',
+    description: 'Oldest TLS version accepted from clients (--listen-tls and STARTTLS). Kept across SIGHUP reloads.',
+  }),
+  'tls-ciphers': option({
+    group: 'Listeners',
+    type: v.text({ placeholder: 'CIPHERS', expected: 'an OpenSSL cipher list', check: cipherListProblem }),
+    commands: SERVE,
+    default: DEFAULT_TLS_CIPHERS,
+    description:
+      'OpenSSL cipher list for client TLS up to 1.2, in order of preference (the server\'s order wins). The default ' +
+      'allows only forward-secret AEAD suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305, for ECDSA and RSA ' +
+      'certificates. TLS 1.3 suites stay OpenSSL\'s defaults. Kept across SIGHUP reloads.',
   }),
 
   // ---- Upstream

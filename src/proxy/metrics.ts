@@ -23,8 +23,11 @@ import { UPSTREAM_FAILURE_REASONS, UpstreamUnavailableError, type UpstreamFailur
 export const LISTENERS = ['listen', 'listen-tls'] as const;
 export type ListenerName = (typeof LISTENERS)[number];
 
-/** Why a connection was refused before a session began. */
-export const REJECT_REASONS = ['shutting_down'] as const;
+/**
+ * Why a connection was refused before a session began: the proxy is stopping, --max-connections was reached, or
+ * --max-connections-per-ip for the client's address (IPv6: its /64).
+ */
+export const REJECT_REASONS = ['shutting_down', 'total_limit', 'per_address_limit'] as const;
 export type RejectReason = (typeof REJECT_REASONS)[number];
 
 /** RFC 3501 and 9051 commands, and the extensions clients and Dovecot commonly use. */
@@ -102,7 +105,9 @@ export function proxyMetrics(registry?: Registry): ProxyMetrics {
   });
   const rejected = new Counter({
     name: 'xaps_client_connections_rejected_total',
-    help: 'Client connections refused before a session began, by reason (shutting_down: the proxy is stopping).',
+    help:
+      'Client connections refused before a session began, by reason (shutting_down: the proxy is stopping; total_limit: ' +
+      '--max-connections reached; per_address_limit: --max-connections-per-ip reached for the client address or IPv6 /64).',
     labelNames: ['reason'] as const,
     registers,
   });

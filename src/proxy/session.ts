@@ -12,6 +12,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { randomBytes } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import type { Logger } from '../ops/log.js';
 import { Framer, type LineSegment, type Segment } from '../imap/framer.js';
 import { commandHead, type CommandPart } from '../imap/tokens.js';
@@ -40,6 +41,13 @@ export interface PushCommandHandler {
 export interface SessionSettings {
   upstream: UpstreamSettings;
   idleTimeoutMs: number;
+  /**
+   * A connection not logged in this long after `acceptedAt` gets `* BYE` and is closed, whatever it sends meanwhile
+   * (--login-timeout). A PREAUTH greeting or a successful login ends the deadline.
+   */
+  loginTimeoutMs: number;
+  /** When the connection was accepted (performance.now(), before any TLS handshake); default: when the session starts. */
+  acceptedAt?: number;
   /** Longest command line and literal accepted before authentication. */
   preauthMaxLine: number;
   /** Largest command the proxy parses itself (XAPPLEPUSHSERVICE and the like). */
@@ -97,6 +105,11 @@ const MAX_CAPTURE = 64 * 1024;
  * and resumed around every chunk; still small enough to bound memory per session.
  */
 const WRITE_HIGH_WATER = 256 * 1024;
+/**
+ * Client bytes held unframed (sent ahead of a synchronizing literal's "+", or while a locally answered command is
+ * pending) before reading from the client stops: a client that does not wait cannot make the proxy buffer more.
+ */
+const MAX_CLIENT_BACKLOG = 256 * 1024;
 const CLOSE_GRACE_MS = 5_000;
 const EMPTY = Buffer.alloc(0);
 
@@ -137,6 +150,8 @@ export class Session {
   private upstreamLoginDisabledWarned = false;
   private clientHandshaking = false;
   private awaitingClientFlush = false;
+  private loginTimer: NodeJS.Timeout | null = null;
+  private backlogPeak = 0;
 
   constructor(
     client: net.Socket,
@@ -161,6 +176,7 @@ export class Session {
     this.client.setKeepAlive(true, 60_000);
     this.client.setNoDelay(true);
     this.client.setTimeout(this.settings.idleTimeoutMs);
+    this.armLoginTimer();
     this.log.debug({ tls: this.clientTls }, 'client connected');
     try {
       const up = await openUpstream(this.settings.upstream, this.endpoint());
@@ -169,7 +185,10 @@ export class Session {
         return;
       }
       this.attachUpstream(up.socket, up.pump);
-      if (up.greetingStatus === 'PREAUTH') this.authenticated = true;
+      if (up.greetingStatus === 'PREAUTH') {
+        this.authenticated = true;
+        this.clearLoginTimer();
+      }
       this.writeClient(rewriteCapabilityLine(up.greeting, this.capabilityPolicy()));
       if (up.greetingStatus === 'BYE') {
         this.events.upstreamFailed?.(this, new UpstreamUnavailableError('upstream greeted with BYE', 'greeting'));
@@ -208,7 +227,9 @@ export class Session {
   // ---------------------------------------------------------------- sockets
 
   private readonly onClientData = (chunk: Buffer) => {
+    if (this.closed) return; // read only to see the client's close; nothing more is relayed or kept
     this.cf.push(chunk);
+    if (this.cf.buffered > this.backlogPeak) this.backlogPeak = this.cf.buffered;
     this.pumpClient();
   };
   private readonly onClientEnd = () => this.shutdown('client closed');
@@ -216,6 +237,19 @@ export class Session {
   private readonly onClientTimeout = () => {
     this.sayBye('Disconnected for inactivity.');
     this.shutdown('idle timeout');
+  };
+  private readonly onLoginTimeout = () => {
+    this.loginTimer = null;
+    if (this.authenticated || this.closed) return;
+    this.log.debug({ timeoutMs: this.settings.loginTimeoutMs }, 'no login within --login-timeout: disconnecting');
+    if (this.clientHandshaking) {
+      // in the middle of a STARTTLS handshake nothing can be said
+      this.shutdown('login timeout during the STARTTLS handshake');
+      this.client.destroy();
+      return;
+    }
+    this.sayBye('Disconnected: login took too long.');
+    this.shutdown('login timeout');
   };
   private readonly onClientDrain = () => {
     this.clientNeedsDrain = false;
@@ -299,10 +333,22 @@ export class Session {
     for (const [event, handler] of this.upstreamHandlers()) socket.off(event, handler);
   }
 
+  private armLoginTimer(): void {
+    const elapsed = this.settings.acceptedAt === undefined ? 0 : performance.now() - this.settings.acceptedAt;
+    this.loginTimer = setTimeout(this.onLoginTimeout, Math.max(0, this.settings.loginTimeoutMs - elapsed));
+    this.loginTimer.unref();
+  }
+
+  private clearLoginTimer(): void {
+    if (this.loginTimer) clearTimeout(this.loginTimer);
+    this.loginTimer = null;
+  }
+
   /** Reading follows writing: a side that cannot take more stops the other. */
   private flow(): void {
     if (this.closed || this.clientHandshaking) return;
-    const clientReads = !this.blocked && !this.upstreamNeedsDrain && this.upstream !== null;
+    const clientReads =
+      !this.blocked && !this.upstreamNeedsDrain && this.upstream !== null && this.cf.buffered < MAX_CLIENT_BACKLOG;
     if (clientReads) this.client.resume();
     else this.client.pause();
     if (this.upstream) {
@@ -349,6 +395,19 @@ export class Session {
       // over-long line before login: Dovecot would refuse it too
       this.sayBye('Command line too long.');
       this.shutdown('pre-auth line too long');
+      return;
+    }
+    if (
+      seg.type === 'line' &&
+      seg.complete &&
+      seg.literal &&
+      !this.authenticated &&
+      (msg.mode === 'forward' || msg.mode === 'capture') &&
+      seg.literal.size > this.settings.preauthMaxLine
+    ) {
+      // refused before the announcing line, or any of the literal, reaches the server
+      this.sayBye('Literal too large.');
+      this.shutdown('pre-auth literal too large');
       return;
     }
 
@@ -443,13 +502,8 @@ export class Session {
 
   private onLiteralAnnounced(msg: ClientMessage, seg: LineSegment): void {
     const literal = seg.literal!;
-    if (msg.mode === 'forward' || msg.mode === 'capture') {
-      if (!this.authenticated && literal.size > this.settings.preauthMaxLine) {
-        this.sayBye('Literal too large.');
-        this.shutdown('pre-auth literal too large');
-      }
-      return; // the server grants or refuses a synchronizing literal itself
-    }
+    // the server grants or refuses a synchronizing literal itself (too large before login: refused in onClientSegment)
+    if (msg.mode === 'forward' || msg.mode === 'capture') return;
     if (msg.mode === 'exchange') return;
     if (msg.mode === 'collect' && msg.size + literal.size > this.settings.localCommandMax) {
       msg.mode = 'discard';
@@ -733,6 +787,7 @@ export class Session {
 
   private onLogin(username: string | null): void {
     this.authenticated = true;
+    this.clearLoginTimer();
     this.user = username;
     this.cf.setMaxLine(64 * 1024);
     this.log.info({ user: username }, 'login');
@@ -786,6 +841,7 @@ export class Session {
   private shutdown(reason: string): void {
     if (this.closed) return;
     this.closed = true;
+    this.clearLoginTimer();
     this.log.debug({ reason, user: this.user }, 'session closed');
     const up = this.upstream;
     for (const socket of [this.client, up]) {
@@ -799,5 +855,28 @@ export class Session {
 
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /**
+   * Bytes this session holds now: queued for either socket, read and not yet handled, and received but not yet
+   * relayed (framers, replies waiting for a response boundary). Observation for tests and diagnostics.
+   */
+  bufferedBytes(): number {
+    const up = this.upstream;
+    let injected = 0;
+    for (const i of this.injections) injected += i.bytes.length;
+    return (
+      this.client.writableLength +
+      this.client.readableLength +
+      (up ? up.writableLength + up.readableLength : 0) +
+      this.cf.buffered +
+      this.sf.buffered +
+      injected
+    );
+  }
+
+  /** Most client bytes read and held unrelayed at once (the client framer's high-water mark). */
+  get clientBacklogPeak(): number {
+    return this.backlogPeak;
   }
 }

@@ -68,6 +68,11 @@ const CHECKED_TEXT: Partial<Record<OptionName, Bad[]>> = {
     { raw: 'staging', problem: /expected production, sandbox or an https:\/\/HOST\[:PORT\] URL/ },
   ],
   'cert-service-url': [{ raw: 'ftp://identity.example.com/new', problem: /expected an http\(s\):\/\/ URL/ }],
+  'tls-min-version': [
+    { raw: 'TLSv1.1', problem: /expected TLSv1\.2 or TLSv1\.3/ },
+    { raw: '1.2', problem: /expected TLSv1\.2 or TLSv1\.3/ },
+  ],
+  'tls-ciphers': [{ raw: 'NO-SUCH-CIPHER:ALSO-NOT', problem: /not a usable OpenSSL cipher list \(no cipher match\)/ }],
 };
 
 /** Bad values by kind of value; `Record` makes a new kind a type error until it has cases. */

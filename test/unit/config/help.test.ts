@@ -40,7 +40,7 @@ describe('help text', () => {
       expect(help, name).toContain(`--${name}`);
       expect(help, name).toContain(envVarName(name));
       const def = (OPTIONS[name] as { default?: string }).default;
-      if (def !== undefined) expect(help, name).toMatch(new RegExp(`--${name}\\b[^\\n]*\\n[^\\n]*default ${def.replace(/[/.]/g, '\\$&')}`));
+      if (def !== undefined) expect(help, name).toMatch(new RegExp(`--${name}\\b[^\\n]*\\n[^\\n]*default ${def.replace(/[/.*+?^${}()|[\]\\]/g, '\\$&')}`));
     }
     expect(help).toContain('--upstream-tls none|starttls|tls');
     expect(help).toContain('--upstream-insecure[=true|false]');
