@@ -3,7 +3,8 @@
  * answers (protocol notes §b error table).
  *
  *   notify({user, mailbox, changeId?, detectedAt?})
- *     → store.listByUser(user), keep registrations that push that mailbox (INBOX case-insensitively)
+ *     → store.listByUser(user), keep registrations that push that mailbox (INBOX case-insensitively); when the
+ *       store cannot be read (Redis down), the change is handled again later (1 s doubling to 30 s), not dropped
  *     → change guard (only with a changeId): one instance of many pushes a given change
  *     → per device (user + token): coalesce, queue, send, interpret the answer
  *
@@ -193,6 +194,8 @@ interface Item {
   category: Category;
   /** Earliest detectedAt of the merged changes. */
   detectedAt: number | undefined;
+  /** Who waits for this push to be done with (notifyAndWait): called once it is answered, given up or dropped. */
+  done: Array<() => void>;
 }
 
 interface Device {
@@ -210,6 +213,15 @@ interface Device {
 }
 
 const MAX_DELAY_MS = 60 * 60 * 1000;
+
+/** The push is done with (answered, given up or dropped): wake who waits for it. Idempotent. */
+function release(item: Item | null | undefined): void {
+  if (item) for (const f of item.done.splice(0)) f();
+}
+
+function waitFor(item: Item): Promise<void> {
+  return new Promise((resolve) => item.done.push(resolve));
+}
 
 function optNumber(v: number | undefined, def: number, what: string, min: number): number {
   const n = v ?? def;
@@ -280,6 +292,11 @@ export class PushDispatcher {
   private readonly alarms: Record<AlarmKind, boolean> = { wrong_topic: false, bad_certificate: false };
   private lastDeliveredAt = Number.NEGATIVE_INFINITY;
 
+  /** Changes whose registrations could not be read (store down), by user + mailbox: read again later, not dropped. */
+  private readonly unreadable = new Map<string, { change: MailboxChange; done: Array<() => void> }>();
+  private unreadableTimer: unknown = undefined;
+  private unreadableDelayMs = 0;
+
   private closed = false;
   private finished = false;
   private flushDeadline = 0;
@@ -331,7 +348,18 @@ export class PushDispatcher {
     return this.track(this.handleChange(change));
   }
 
-  private async handleChange(change: MailboxChange): Promise<void> {
+  /**
+   * notify, resolving only once every push of this change is done with: answered (whatever the answer), given up or
+   * dropped. The watchers store a mailbox's new state only then, so that mail whose push dies with the process is
+   * pushed by the catch-up of the next one. Never rejects.
+   */
+  async notifyAndWait(change: MailboxChange): Promise<void> {
+    const waits: Promise<void>[] = [];
+    await this.track(this.handleChange(change, waits));
+    await Promise.all(waits);
+  }
+
+  private async handleChange(change: MailboxChange, waits?: Promise<void>[]): Promise<void> {
     try {
       if (this.closed) return this.changeDone('closed');
       if (
@@ -349,9 +377,11 @@ export class PushDispatcher {
       try {
         regs = await this.store.listByUser(user);
       } catch (err) {
-        this.warnLimited('store-list', { user, err: errText(err) }, 'cannot read registrations; change not pushed');
+        this.warnLimited('store-list', { user, err: errText(err) }, 'cannot read registrations; trying the change again later');
+        this.retryUnreadable(change, waits);
         return this.changeDone('store_error');
       }
+      this.unreadableDelayMs = 0;
       const matches: Array<[Registration, MailboxRef]> = [];
       for (const reg of regs) {
         const ref = matchMailbox(reg, mailbox);
@@ -374,7 +404,7 @@ export class PushDispatcher {
       if (this.closed) return this.changeDone('closed');
       // Pump after each device: pushes that can go at once do not occupy the queue bound.
       for (const [reg, ref] of matches) {
-        this.schedule(reg, ref, detectedAt);
+        this.schedule(reg, ref, detectedAt, waits);
         this.pump();
       }
       this.changeDone('scheduled');
@@ -383,11 +413,41 @@ export class PushDispatcher {
     }
   }
 
+  /**
+   * The mail is there, only the registrations cannot be read now (Redis down): the change is handled again after
+   * 1 s, doubling to 30 s while the store stays down, so that it is pushed once the store is back (the watcher has
+   * moved on and will not report it again). One entry per user and mailbox, at most queueSize.
+   */
+  private retryUnreadable(change: MailboxChange, waits: Promise<void>[] | undefined): void {
+    if (this.closed) return;
+    const key = `${change.user}\u0000${change.mailbox}`;
+    const entry = this.unreadable.get(key) ?? { change, done: [] };
+    entry.change = change;
+    this.unreadable.delete(key);
+    if (this.unreadable.size >= this.queueSize) {
+      const oldest = this.unreadable.entries().next().value;
+      if (oldest !== undefined) {
+        this.unreadable.delete(oldest[0]);
+        for (const f of oldest[1].done) f();
+      }
+    }
+    if (waits) waits.push(new Promise((resolve) => entry.done.push(resolve)));
+    this.unreadable.set(key, entry);
+    if (this.unreadableTimer !== undefined) return;
+    this.unreadableDelayMs = Math.min(30_000, Math.max(1000, this.unreadableDelayMs * 2));
+    this.unreadableTimer = this.scheduler.setTimeout(() => {
+      this.unreadableTimer = undefined;
+      const entries = [...this.unreadable.values()];
+      this.unreadable.clear();
+      for (const e of entries) void this.notifyAndWait(e.change).then(() => e.done.forEach((f) => f()));
+    }, this.unreadableDelayMs);
+  }
+
   private changeDone(result: ChangeResult): void {
     this.metrics.changes.inc({ result });
   }
 
-  private schedule(reg: Registration, ref: MailboxRef, detectedAt: number | undefined): void {
+  private schedule(reg: Registration, ref: MailboxRef, detectedAt: number | undefined, waits?: Promise<void>[]): void {
     const token = reg.deviceToken.toLowerCase();
     const key = `${reg.user}\u0000${token}`;
     let d = this.devices.get(key);
@@ -401,6 +461,7 @@ export class PushDispatcher {
       if (reg.lastSeen >= p.reg.lastSeen) p.reg = reg;
       p.changed.set(mailboxKey(ref.name), ref);
       p.detectedAt = minDefined(p.detectedAt, detectedAt);
+      if (waits) waits.push(waitFor(p));
       return;
     }
     let due: number;
@@ -415,7 +476,9 @@ export class PushDispatcher {
       if (this.windowMs > 0) this.timeline.add(d.windowEnd, d);
     }
     due = Math.max(due, d.blockedUntil);
-    this.enqueue(d, { reg, changed: new Map([[mailboxKey(ref.name), ref]]), failures: 0, due, category, detectedAt });
+    const item: Item = { reg, changed: new Map([[mailboxKey(ref.name), ref]]), failures: 0, due, category, detectedAt, done: [] };
+    if (waits) waits.push(waitFor(item));
+    this.enqueue(d, item);
   }
 
   // ---------------------------------------------------------------- queue
@@ -426,7 +489,7 @@ export class PushDispatcher {
 
   /** Makes `item` the device's waiting push (it has none), dropping another if the queue is full. */
   private enqueue(d: Device, item: Item): void {
-    if (!this.admitDuringClose(item)) return;
+    if (!this.admitDuringClose(item)) return release(item);
     while (this.pendingCount >= this.queueSize) {
       if (!this.dropOldest()) break;
     }
@@ -460,6 +523,7 @@ export class PushDispatcher {
     const merged = new Map(item.changed);
     for (const [k, v] of p.changed) merged.set(k, v);
     p.changed = merged;
+    p.done.push(...item.done.splice(0));
     if (item.reg.lastSeen > p.reg.lastSeen) p.reg = item.reg;
     p.failures = item.failures;
     p.detectedAt = minDefined(p.detectedAt, item.detectedAt);
@@ -479,9 +543,11 @@ export class PushDispatcher {
     this.check(d);
   }
 
-  private takePending(d: Device): Item | null {
+  /** Takes the device's waiting push off the queue: to send it, or (`dropped`) to drop it. */
+  private takePending(d: Device, dropped = true): Item | null {
     const item = d.pending;
     if (!item) return null;
+    if (dropped) release(item);
     d.pending = null;
     this.followups.delete(d);
     this.others.delete(d);
@@ -540,7 +606,7 @@ export class PushDispatcher {
         }
         const d = this.ready.shift() as Device;
         if (!d.pending || d.sending || d.pending.due > now) continue;
-        const item = this.takePending(d) as Item;
+        const item = this.takePending(d, false) as Item;
         if (probe) {
           this.probeDue = false;
           this.probing = true;
@@ -584,6 +650,7 @@ export class PushDispatcher {
         this.probing = false;
         this.probeDue = true;
       }
+      release(item);
       this.check(d);
       return;
     }
@@ -618,6 +685,7 @@ export class PushDispatcher {
     } catch (err) {
       this.log.error({ err: errText(err) }, 'BUG: push dispatcher failed handling an APNs answer');
     }
+    if (d.pending !== item) release(item); // not waiting again for a retry: done with
     try {
       this.check(d);
       this.pump();
@@ -940,6 +1008,10 @@ export class PushDispatcher {
     this.timeline.stop();
     if (this.probeTimer !== undefined) this.scheduler.clearTimeout(this.probeTimer);
     this.probeTimer = undefined;
+    if (this.unreadableTimer !== undefined) this.scheduler.clearTimeout(this.unreadableTimer);
+    this.unreadableTimer = undefined;
+    for (const e of this.unreadable.values()) e.done.forEach((f) => f());
+    this.unreadable.clear();
     for (const d of [...this.followups, ...this.others]) {
       this.takePending(d);
       this.countDrop('shutdown');

@@ -248,7 +248,13 @@ export function parseImapUrl(uri: string, what = 'uri'): ParsedImapUrl {
   const at = authority.lastIndexOf('@');
   if (at >= 0) {
     const info = authority.slice(0, at).replace(/;AUTH=.*$/i, '');
-    const u = utf8Strict.decode(percentDecode(info, what));
+    let u: string;
+    try {
+      u = utf8Strict.decode(percentDecode(info, what));
+    } catch (err) {
+      if (err instanceof EventFormatError) throw err;
+      throw new EventFormatError(`${what}: the user in the URI is not UTF-8`); // a TypeError would escape the listener
+    }
     if (u !== '') urlUser = u;
   }
   // Parameters follow ';' (Cyrus percent-encodes ';' inside names); "/;UID=n" starts the message part.
@@ -285,7 +291,7 @@ export function cyrusPersonalMailbox(
   adminName: string,
   altNamespace: boolean | 'auto' = 'auto',
 ): { owner: string; mailbox: string } | undefined {
-  const m = /^user([./])(.+)$/.exec(adminName);
+  const m = /^user([./])(.+)$/s.exec(adminName); // s: a name may hold U+2028/U+2029
   if (!m) return undefined;
   const sep = m[1]!;
   const alt = altNamespace === 'auto' ? sep === '/' : altNamespace;
@@ -506,6 +512,8 @@ export class EventsListener {
   private drainScheduled = false;
   private readonly lastWarn = new Map<string, number>();
   private readonly sockets = new Set<Socket>();
+  /** Connections answered with `Connection: close`: nothing more is read from them (RFC 9112 §9.6). */
+  private readonly closing = new WeakSet<object>();
   readonly counters: EventsListenerCounters = { requests: 0, accepted: 0, rejected: 0, continues: 0, changes: 0, ignored: 0 };
 
   constructor(options: EventsListenerOptions) {
@@ -658,6 +666,11 @@ export class EventsListener {
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse, expectContinue: boolean): void {
+    if (req.socket && this.closing.has(req.socket)) {
+      // pipelined behind a request answered with `Connection: close`: not processed, not answered
+      req.resume();
+      return;
+    }
     const startedAt = process.hrtime.bigint();
     this.counters.requests++;
     this.inFlight++;
@@ -682,7 +695,10 @@ export class EventsListener {
           'Cache-Control': 'no-store',
           ...(extra.headers ?? {}),
         };
-        if (extra.close) headers.Connection = 'close';
+        if (extra.close) {
+          headers.Connection = 'close';
+          if (req.socket) this.closing.add(req.socket);
+        }
         res.writeHead(status, headers);
         res.end(body);
       } catch (err) {
@@ -815,6 +831,11 @@ export class EventsListener {
   }
 
   private onClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+    if (this.closing.has(socket)) {
+      // bytes after a request answered with `Connection: close`: no second answer, just close
+      if (!socket.destroyed) socket.end();
+      return;
+    }
     let status = 400;
     let outcome: EventsRequestOutcome = 'bad_request';
     if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') {

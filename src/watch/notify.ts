@@ -24,8 +24,10 @@
  *   same connection. Registrations are capped at 100 mailboxes anyway.
  * - An untagged `[NOTIFICATIONOVERFLOW]` means events were lost and NOTIFY is off (RFC 5465
  *   §5.8): NOTIFY SET STATUS again, whose snapshot re-syncs every mailbox.
- * - setMailboxes re-issues NOTIFY SET STATUS (each SET replaces the last); a mailbox new to
- *   the set is compared with its stored state first.
+ * - setMailboxes re-issues NOTIFY SET STATUS (each SET replaces the last), after NOTIFY NONE:
+ *   Dovecot 2.3.19 reports a replaced SET's events only at its ~30 s mailbox check (measured by
+ *   the soak: pushes ~30 s late after a device changed its mailboxes). A mailbox new to the set
+ *   is compared with its stored state first.
  * - Cyrus 3.6 has no NOTIFY: without the capability the watcher fails (and retries slowly);
  *   use the IDLE watcher there.
  */
@@ -238,6 +240,13 @@ export class NotifyUserWatcher extends WatchSession implements UserWatcher {
     const added = reconnected ? list : list.filter((m) => !this.applied.includes(m));
     if (added.length > 0) await this.tracker.beginCatchUp(added);
     this.applied = list;
+    if (!reconnected) {
+      // Dovecot 2.3.19 sends no immediate events on a connection whose NOTIFY SET was replaced by another one (only
+      // its ~30 s mailbox check reports then); NOTIFY NONE first keeps them immediate. The new SET's snapshot
+      // catches whatever arrived in between.
+      const none = await conn.command(notifyCommand([]));
+      if (none.status !== 'OK') throw new ImapCommandError('NOTIFY', none);
+    }
     await this.applyNotify(conn);
   }
 

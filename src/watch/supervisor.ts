@@ -491,9 +491,10 @@ export class WatchSupervisor {
     return {
       onChange: (change: MailboxChange) => {
         try {
-          this.onChange(change);
+          return this.onChange(change);
         } catch (err) {
           this.log.error({ user, err: errText(err) }, 'change sink failed');
+          return undefined;
         }
       },
       states: this.store,

@@ -9,8 +9,9 @@
  *   down, proxy restarted, lease handed over) is pushed once, with source `catch-up`. With no
  *   stored state there is nothing to compare: the state is only stored.
  * - A mailbox found missing (NO to STATUS/EXAMINE) that later appears with mail is a change.
- * - The state is written after the change was emitted (a crash in between re-pushes rather
- *   than loses), in observation order, and only when it differs from what the store holds.
+ * - The state is written after the change's push is done with (when the sink returns a promise:
+ *   the dispatcher's notifyAndWait), so that a crash before the push re-pushes from the catch-up
+ *   rather than loses; in observation order, and only when it differs from what the store holds.
  */
 import type { Logger } from '../ops/log.js';
 import { decodeMailboxName } from '../push/mutf7.js';
@@ -134,6 +135,11 @@ export class MailboxTracker {
   /** Mailboxes found not to exist. */
   private missing = new Set<string>();
   private writes: Promise<void> = Promise.resolve();
+  /** Resolved by flush() (the watcher stops): writes still waiting for their push are dropped. */
+  private stopWaiting: () => void = () => undefined;
+  private readonly stopped = new Promise<false>((resolve) => {
+    this.stopWaiting = () => resolve(false);
+  });
 
   constructor(
     readonly user: string,
@@ -212,19 +218,24 @@ export class MailboxTracker {
     else changed = false; // first sight, nothing to compare with: store only
 
     this.last.set(mailbox, status);
-    if (changed) this.emit(mailbox, status, isCatchUp ? 'catch-up' : liveSource);
+    const pushed = changed ? this.emit(mailbox, status, isCatchUp ? 'catch-up' : liveSource) : undefined;
     const known = this.stored.get(mailbox);
-    if (!same(known, status)) this.persist(mailbox, status);
+    if (!same(known, status)) this.persist(mailbox, status, pushed);
     if (changed) return 'changed';
     return base ? 'unchanged' : 'stored';
   }
 
-  /** Resolves when the state writes queued so far are done. */
+  /**
+   * Resolves when the state writes queued so far are done. For the watcher's stop: writes still waiting for their
+   * change's push are dropped (the state stays behind the mail; the next start pushes it again).
+   */
   flush(): Promise<void> {
+    this.stopWaiting();
     return this.writes;
   }
 
-  private emit(mailbox: string, status: MailboxStatus, source: ChangeSource): void {
+  /** Emits the change; returns when its push is done with, if the sink tells. */
+  private emit(mailbox: string, status: MailboxStatus, source: ChangeSource): Promise<unknown> | undefined {
     const change: MailboxChange = {
       user: this.user,
       mailbox,
@@ -235,15 +246,22 @@ export class MailboxTracker {
     this.metrics.changes.inc({ source });
     this.log.debug({ mailbox, source, changeId: change.changeId }, 'new mail');
     try {
-      this.ctx.onChange(change);
+      const pushed = this.ctx.onChange(change);
+      return pushed instanceof Promise ? pushed : undefined;
     } catch (err) {
       this.log.error({ err: (err as Error).message }, 'change sink failed');
+      return undefined;
     }
   }
 
-  private persist(mailbox: string, status: MailboxStatus): void {
+  private persist(mailbox: string, status: MailboxStatus, pushed: Promise<unknown> | undefined): void {
     this.stored.set(mailbox, status);
     this.writes = this.writes.then(async () => {
+      const go = pushed ? await Promise.race([pushed.then(() => true, () => true), this.stopped]) : true;
+      if (!go) {
+        if (same(this.stored.get(mailbox), status)) this.stored.delete(mailbox);
+        return;
+      }
       try {
         await this.ctx.states.setMailboxState(this.user, mailbox, status);
       } catch (err) {

@@ -33,7 +33,11 @@ export interface MailboxChange {
   source: ChangeSource;
 }
 
-export type ChangeSink = (change: MailboxChange) => void;
+/**
+ * Takes a change. A returned promise resolves once the change's push is done with (the tracker stores the mailbox
+ * state only then); anything else returned is ignored.
+ */
+export type ChangeSink = (change: MailboxChange) => unknown;
 
 /** The last status seen per mailbox, kept in the registration store so that restarts miss nothing. */
 export interface MailboxStateStore {
