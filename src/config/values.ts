@@ -248,11 +248,11 @@ export function integer(opts: { min?: number; max?: number } = {}): ValueType<nu
 export function oneOf<const V extends readonly [string, ...string[]]>(values: V): ValueType<V[number]> {
   const expected = `expected one of ${values.join('|')}`;
   return {
-    schema: z
-      .string({ error: expected })
-      .trim()
-      .toLowerCase()
-      .pipe(z.enum(values, { error: expected })) as unknown as z.ZodType<V[number]>,
+    // a YAML number is its text: `apns-priority: 10`
+    schema: z.preprocess(
+      (raw) => (typeof raw === 'number' ? String(raw) : raw),
+      z.string({ error: expected }).trim().toLowerCase().pipe(z.enum(values, { error: expected })),
+    ) as unknown as z.ZodType<V[number]>,
     kind: 'enum',
     values,
     placeholder: values.join('|'),
@@ -262,7 +262,8 @@ export function oneOf<const V extends readonly [string, ...string[]]>(values: V)
 }
 
 export function text(opts: { placeholder: string; expected?: string; check?: (s: string) => string | undefined }): ValueType<string> {
-  const base = nonEmptyString(opts.expected ?? 'a string');
+  // one line: `config check` prints every value as one YAML line (and no option needs two)
+  const base = nonEmptyString(opts.expected ?? 'a string').refine((s) => !/[\r\n]/.test(s), { error: 'must be a single line' });
   const check = opts.check;
   return {
     schema: check ? base.transform((s, ctx): string => {

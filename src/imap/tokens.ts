@@ -37,11 +37,33 @@ export function valueText(v: Value): string | null {
   return null;
 }
 
+/**
+ * The session collects a command segment by segment: a literal that arrived in several reads
+ * comes as several literal parts, and an over-long line the framer streamed as several text
+ * parts. Each is joined back into one part here, so a literal is the one part after its line.
+ */
+function joinParts(parts: readonly CommandPart[]): CommandPart[] {
+  const groups: Array<{ kind: CommandPart['kind']; data: Buffer[] }> = [];
+  for (const part of parts) {
+    const last = groups[groups.length - 1];
+    const tail = last?.data[last.data.length - 1];
+    if (last && last.kind === part.kind && (part.kind === 'literal' || (tail && tail[tail.length - 1] !== LF))) {
+      last.data.push(part.data);
+    } else {
+      groups.push({ kind: part.kind, data: [part.data] });
+    }
+  }
+  return groups.map((g) => ({ kind: g.kind, data: g.data.length === 1 ? g.data[0]! : Buffer.concat(g.data) }));
+}
+
 export class ArgReader {
   private partIndex = 0;
   private pos = 0;
+  private readonly parts: CommandPart[];
 
-  constructor(private readonly parts: CommandPart[]) {}
+  constructor(parts: readonly CommandPart[]) {
+    this.parts = joinParts(parts);
+  }
 
   private get text(): Buffer | null {
     const part = this.parts[this.partIndex];
@@ -123,8 +145,15 @@ export class ArgReader {
     const t = this.text!;
     const m = /^~?\{(\d{1,15})\+?\}\r?\n$/.exec(t.toString('latin1', this.pos));
     if (!m) throw new ParseError('malformed literal');
+    const size = Number(m[1]);
     const next = this.parts[this.partIndex + 1];
-    if (!next || next.kind !== 'literal' || next.data.length !== Number(m[1])) {
+    if (size === 0 && next?.kind !== 'literal') {
+      // `{0}`: the framer emits no literal segment, the command goes on with the next line
+      this.partIndex += 1;
+      this.pos = 0;
+      return { kind: 'string', bytes: Buffer.alloc(0), form: 'literal' };
+    }
+    if (!next || next.kind !== 'literal' || next.data.length !== size) {
       throw new ParseError('literal data missing');
     }
     this.partIndex += 2;

@@ -53,6 +53,9 @@ function mailboxList(v: Value, utf8: boolean): PushRequest['mailboxes'] {
       if (err instanceof MailboxNameError) throw new PushCommandError(err.message);
       throw err;
     }
+    // the same rules for the name itself, not only its modified UTF-7 form ("&AA0-" is a CR)
+    if (name.length === 0) throw new PushCommandError('a mailbox name must not be empty');
+    if (/[\r\n\0]/.test(name)) throw new PushCommandError('a mailbox name must not contain CR, LF or NUL');
     if (name.toUpperCase() === 'INBOX') continue;
     if (seen.has(name)) continue;
     seen.add(name);

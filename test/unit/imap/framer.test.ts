@@ -1,5 +1,4 @@
 import { describe, expect, it } from 'vitest';
-import fc from 'fast-check';
 import { Framer, parseLiteralAtEnd, type Segment } from '../../../src/imap/framer.js';
 
 function drain(f: Framer): Segment[] {
@@ -134,55 +133,5 @@ describe('framer', () => {
     expect(f.atBoundary).toBe(true);
   });
 
-  it('gives the same output and shape for any split of a session (property)', () => {
-    fc.assert(
-      fc.property(fc.array(fc.integer({ min: 1, max: SERVER_SESSION.length - 1 }), { maxLength: 30 }), (cuts) => {
-        const whole = frame('server', SERVER_SESSION);
-        const split = frame('server', SERVER_SESSION, cuts);
-        return split.out.equals(SERVER_SESSION) && shape(split.segs) === shape(whole.segs);
-      }),
-      { numRuns: 500 },
-    );
-  });
-
-  it('keeps its bytes when the caller recycles the read buffer (ownBytes, property)', () => {
-    fc.assert(
-      fc.property(fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1, maxLength: 200 }), (sizes) => {
-        const f = new Framer({ side: 'server', maxLine: 64 });
-        const recycled = Buffer.alloc(64);
-        const out: Buffer[] = [];
-        let pos = 0;
-        for (const size of sizes) {
-          if (pos >= SERVER_SESSION.length) break;
-          const n = Math.min(size, SERVER_SESSION.length - pos, recycled.length);
-          SERVER_SESSION.copy(recycled, 0, pos, pos + n);
-          pos += n;
-          f.push(recycled.subarray(0, n));
-          for (let seg = f.next(); seg; seg = f.next()) out.push(Buffer.from(seg.data)); // consumed at once, as the session does
-          f.ownBytes();
-          recycled.fill(0x58); // the next read overwrites the buffer
-        }
-        const expected = SERVER_SESSION.subarray(0, pos);
-        return Buffer.concat([...out, f.drain()]).equals(expected);
-      }),
-      { numRuns: 500 },
-    );
-  });
-
-  it('never throws and never loses a byte on random input (property)', () => {
-    fc.assert(
-      fc.property(
-        fc.constantFrom<'client' | 'server'>('client', 'server'),
-        fc.uint8Array({ maxLength: 2000 }),
-        fc.array(fc.integer({ min: 1, max: 1999 }), { maxLength: 10 }),
-        (side, bytes, cuts) => {
-          const input = Buffer.from(bytes);
-          const { out, framer } = frame(side, input, cuts, 256);
-          // whatever was not emitted is still held (an unfinished line or literal)
-          return Buffer.concat([out, framer.drain()]).equals(input);
-        },
-      ),
-      { numRuns: 1000 },
-    );
-  });
+  // Properties (any chunking, literals never scanned, bounded memory, ownBytes): test/fuzz/framer.test.ts
 });
