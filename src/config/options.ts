@@ -354,7 +354,7 @@ export const OPTIONS = {
   }),
   'apns-expiration': option({
     group: 'Push',
-    type: v.duration(),
+    type: v.duration({ min: 0 }),
     commands: SENDERS,
     default: '1d',
     description: 'How long APNs keeps an undelivered push (apns-expiration = now + this; 0: deliver now or never).',

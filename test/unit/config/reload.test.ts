@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, configOrigins, loadConfig } from '../../../src/config/index.js';
 import { reloadConfig } from '../../../src/config/load.js';
+import { expirationSeconds } from '../../../src/apns/payload.js';
 import { BASE, configError, tempDir } from './helpers.js';
 
 describe('reloadConfig (SIGHUP)', () => {
@@ -50,5 +51,13 @@ describe('--drain-timeout', () => {
     expect(configError(() => loadConfig({ argv: [...BASE, '--drain-timeout', 'never'], env: {}, cwd: '/' })).message).toMatch(
       /^--drain-timeout: expected a duration .*, got "never" \(from the command line\)$/,
     );
+  });
+});
+
+describe('--apns-expiration 0', () => {
+  it('is accepted and means "deliver now or never" (apns-expiration: 0)', () => {
+    const config = loadConfig({ argv: ['--apns-expiration', '0'], env: {}, cwd: '/', command: 'test-push' });
+    expect(config.apnsExpiration).toBe(0);
+    expect(expirationSeconds(1_700_000_000_000, config.apnsExpiration)).toBe(0);
   });
 });
