@@ -135,6 +135,8 @@ export class MailboxTracker {
   /** Mailboxes found not to exist. */
   private missing = new Set<string>();
   private writes: Promise<void> = Promise.resolve();
+  /** Per mailbox, the push its newest emitted change still waits for (cleared once settled). */
+  private unpushed = new Map<string, PendingPush>();
   /** Resolved by flush() (the watcher stops): writes still waiting for their push are dropped. */
   private stopWaiting: () => void = () => undefined;
   private readonly stopped = new Promise<false>((resolve) => {
@@ -256,8 +258,11 @@ export class MailboxTracker {
 
   private persist(mailbox: string, status: MailboxStatus, pushed: Promise<unknown> | undefined): void {
     this.stored.set(mailbox, status);
+    // A later state of the same mailbox (an expunge while the push is out) includes the unpushed UIDNEXT:
+    // it must wait for that push too, or a stop would store it and the restart would never push the mail.
+    const gate = pushed ? this.track(mailbox, pushed) : this.unpushed.get(mailbox);
     this.writes = this.writes.then(async () => {
-      const go = pushed ? await Promise.race([pushed.then(() => true, () => true), this.stopped]) : true;
+      const go = gate && !gate.settled ? await Promise.race([gate.done, this.stopped]) : true;
       if (!go) {
         if (same(this.stored.get(mailbox), status)) this.stored.delete(mailbox);
         return;
@@ -270,4 +275,27 @@ export class MailboxTracker {
       }
     });
   }
+
+  private track(mailbox: string, pushed: Promise<unknown>): PendingPush {
+    const pending: PendingPush = {
+      settled: false,
+      done: pushed.then(
+        () => true,
+        () => true,
+      ),
+    };
+    // settled is recorded as it happens, so a stop after the push was answered does not drop the write
+    void pending.done.then(() => {
+      pending.settled = true;
+      if (this.unpushed.get(mailbox) === pending) this.unpushed.delete(mailbox);
+    });
+    this.unpushed.set(mailbox, pending);
+    return pending;
+  }
+
+}
+
+interface PendingPush {
+  settled: boolean;
+  readonly done: Promise<true>;
 }
