@@ -790,7 +790,9 @@ export class Session {
     this.clearLoginTimer();
     this.user = username;
     this.cf.setMaxLine(64 * 1024);
-    this.log.info({ user: username }, 'login');
+    // every later line of the session names its user
+    if (username !== null) this.log = this.log.child({ user: username });
+    this.log.info('login');
     this.events.authenticated?.(this, username);
   }
 
@@ -842,7 +844,7 @@ export class Session {
     if (this.closed) return;
     this.closed = true;
     this.clearLoginTimer();
-    this.log.debug({ reason, user: this.user }, 'session closed');
+    this.log.debug({ reason }, 'session closed');
     const up = this.upstream;
     for (const socket of [this.client, up]) {
       if (!socket) continue;
