@@ -160,6 +160,8 @@ interface Options {
   /** Rounds disturbed by other processes (> BUSY_CORES) are run again, at most this often each. */
   retryBusy: number;
   out: string;
+  /** Also write the summary as JSON here (bench/all.ts reads it). */
+  json: string | null;
 }
 
 const DEFAULTS: Options = {
@@ -173,6 +175,7 @@ const DEFAULTS: Options = {
   profile: false,
   retryBusy: 2,
   out: 'bench/results/apns-throughput.md',
+  json: null,
 };
 
 /** Other processes using more than this many cores during a round disturb it (see --retry-busy). */
@@ -198,6 +201,7 @@ peak memory. Exit 1 only when a push was lost or failed.
   --retry-busy N       run a round again when other processes used more than ${BUSY_CORES} cores during it,
                        at most N times per round (default ${DEFAULTS.retryBusy}; 0: never); the last attempt counts
   --out FILE           markdown report (default ${DEFAULTS.out}; overwritten)
+  --json FILE          also write the summary as JSON (used by bench/all.ts)
   --dist DIR           the build to measure (default ${DEFAULTS.dist}/, which must be newer than src/; another
                        directory, e.g. a patched copy, is taken as it is)
   -h, --help           this text
@@ -261,6 +265,10 @@ function parseArgs(argv: string[]): Options | 'help' {
       case '--out':
         o.out = next() ?? '';
         if (!o.out) throw new ArgsError('--out needs a file name');
+        break;
+      case '--json':
+        o.json = next() ?? '';
+        if (!o.json) throw new ArgsError('--json needs a file name');
         break;
       default:
         throw new ArgsError(`unknown argument ${JSON.stringify(argv[i])}`);
@@ -1072,6 +1080,33 @@ async function main(): Promise<number> {
   say(`\n${text.console}`);
   writeReport(path.resolve(ROOT, o.out), text.markdown);
   say(`\nreport: ${o.out}`);
+  if (o.json) {
+    const pipeline = summaries.find((x) => x.label.startsWith('pipeline'));
+    const json = {
+      bench: 'apns-throughput',
+      command,
+      started: started.toISOString(),
+      seconds: (Date.now() - started.getTime()) / 1000,
+      devices: o.devices,
+      users: o.users,
+      rounds: o.rounds,
+      aimPushesPerSecond: AIM_PUSHES_PER_SECOND,
+      aimMet: pipeline ? pipeline.medianRate >= AIM_PUSHES_PER_SECOND : false,
+      retried,
+      variants: summaries.map((x) => ({
+        label: x.label,
+        medianRate: x.medianRate,
+        minRate: x.minRate,
+        maxRate: x.maxRate,
+        ratioToRaw: x.ratio,
+        cpuUsPerPush: x.cpuUsPerPush,
+        mainUsPerPush: x.mainUsPerPush,
+        peakRssMb: x.peakRssMb,
+        perRound: x.perRound,
+      })),
+    };
+    writeReport(path.resolve(ROOT, o.json), JSON.stringify(json, null, 2));
+  }
   if (problems.length) {
     process.stderr.write(`\nFAILED (pushes lost or failed):\n${problems.map((p) => `  - ${p}`).join('\n')}\n`);
     return 1;

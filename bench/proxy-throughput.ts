@@ -186,7 +186,7 @@ async function main(): Promise<number> {
   }
   if (!dovecotAvailable()) throw new Error('Dovecot is not installed (run: node scripts/bootstrap.mjs bench)');
   if (args.targets.includes('relay') && !haproxyAvailable()) throw new Error('haproxy is not installed (run: node scripts/bootstrap.mjs bench)');
-  if (args.targets.includes('proxy')) ensureDist();
+  if (args.targets.includes('proxy') && args.dist === 'dist') ensureDist();
   const t0 = Date.now();
   const started = new Date();
   const loadBefore = os.loadavg()[0];
@@ -231,6 +231,7 @@ async function main(): Promise<number> {
       keyPath: dovecot.tlsKeyPath,
       workDir,
       profileDir,
+      distDir: path.resolve(ROOT, args.dist),
     });
     onCleanup('xaps-proxy', () => env.proxy!.stop());
   }
@@ -362,6 +363,32 @@ async function main(): Promise<number> {
   const out = path.resolve(ROOT, args.out);
   writeReport(out, report);
   say(`report written to ${path.relative(process.cwd(), out) || out}`);
+  if (args.json) {
+    const json = {
+      bench: 'proxy-throughput',
+      command,
+      started: started.toISOString(),
+      seconds: (Date.now() - t0) / 1000,
+      messages: box.messages,
+      mailboxMb: box.totalBytes / MB,
+      connections: args.connections,
+      fetches: args.fetches,
+      rounds: args.rounds,
+      aim: AIM,
+      rows: rows.map((r) => ({
+        variant: r.variant,
+        target: r.target,
+        medianMbps: r.medianMbps,
+        minMbps: r.minMbps,
+        maxMbps: r.maxMbps,
+        vsRelay: r.vsRelay,
+        vsDirect: r.vsDirect,
+        relayCpuMsPerMb: r.relayCpuMsPerMb,
+      })),
+      aimLines: aimLines(rows, args.variants),
+    };
+    writeReport(path.resolve(ROOT, args.json), JSON.stringify(json, null, 2));
+  }
   return 0;
 }
 

@@ -43,6 +43,8 @@ interface Args {
   memoryUsers: number;
   modes: Mode[];
   out: string;
+  /** Also write the results as JSON here (bench/all.ts reads it). */
+  json: string | null;
 }
 
 const USAGE = `usage: npm run bench:push -- [options]
@@ -52,10 +54,11 @@ const USAGE = `usage: npm run bench:push -- [options]
   --memory-users N   watched users for the memory measurement, 0 to skip (default 2000)
   --modes LIST       comma-separated: notify,idle,events (default all)
   --out FILE         markdown report (default bench/results/push-latency.md)
+  --json FILE        also write the results as JSON (used by bench/all.ts)
 `;
 
 function parseArgs(argv: string[]): Args | 'help' {
-  const a: Args = { deliveries: 50, users: 10, spacingMs: 300, memoryUsers: 2000, modes: ['notify', 'idle', 'events'], out: 'bench/results/push-latency.md' };
+  const a: Args = { deliveries: 50, users: 10, spacingMs: 300, memoryUsers: 2000, modes: ['notify', 'idle', 'events'], out: 'bench/results/push-latency.md', json: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i]!;
     if (k === '-h' || k === '--help') return 'help';
@@ -72,6 +75,7 @@ function parseArgs(argv: string[]): Args | 'help' {
       case '--spacing': a.spacingMs = int(0); break;
       case '--memory-users': a.memoryUsers = int(0); break;
       case '--out': a.out = v; break;
+      case '--json': a.json = v; break;
       case '--modes': {
         const ms = v.split(',').map((s) => s.trim()).filter(Boolean);
         for (const m of ms) if (!['notify', 'idle', 'events'].includes(m)) throw new Error(`--modes: unknown mode ${m}`);
@@ -604,6 +608,33 @@ async function main(): Promise<number> {
   process.stdout.write('\n' + report);
   writeReport(path.resolve(ROOT, args.out), report);
   say(`report written to ${args.out}`);
+  if (args.json) {
+    const json = {
+      bench: 'push-latency',
+      command: cmd,
+      started: started.toISOString(),
+      seconds: (Date.now() - started.getTime()) / 1000,
+      deliveries: args.deliveries,
+      users: args.users,
+      modes: rows.map((x) => ({
+        mode: x.r.mode,
+        server: x.r.server,
+        n: x.r.deliveries.length,
+        lost: x.r.lost,
+        pushP50Ms: x.p50,
+        pushP99Ms: pct(x.fromStart, 99),
+        pushMaxMs: Math.max(...x.fromStart),
+        serverIdleP50Ms: x.b50,
+        serverIdleP99Ms: pct(x.base, 99),
+        proxyMinusIdleP50Ms: x.p50 - x.b50,
+        aim: x.aim,
+        aimMet: x.aim.startsWith('met'),
+      })),
+      skipped,
+      memory: mem ? { wanted: mem.wanted, watched: mem.watched, perUserKb: mem.perUserKb, rss0MiB: mem.rss0Kb / 1024, rss1MiB: mem.rss1Kb / 1024, connectS: mem.connectMs / 1000 } : null,
+    };
+    writeReport(path.resolve(ROOT, args.json), JSON.stringify(json, null, 2));
+  }
   if (lostTotal > 0) {
     say(`FAILED: ${lostTotal} push(es) lost`);
     return 1;

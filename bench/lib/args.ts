@@ -12,7 +12,11 @@ export interface BenchArgs {
   seed: number;
   profile: boolean;
   hashAll: boolean;
+  /** The xaps-proxy build to run (default dist). */
+  dist: string;
   out: string;
+  /** Also write the results as JSON here (bench/all.ts reads it). */
+  json: string | null;
 }
 
 export const DEFAULTS: BenchArgs = {
@@ -26,7 +30,9 @@ export const DEFAULTS: BenchArgs = {
   seed: 1,
   profile: false,
   hashAll: false,
+  dist: 'dist',
   out: 'bench/results/proxy-throughput.md',
+  json: null,
 };
 
 export const USAGE = `usage: npm run bench:proxy -- [options]
@@ -48,7 +54,9 @@ the ratios, and the relays' CPU time per MB.
                      (slows it down: throughput numbers of such a run are not comparable)
   --hash-all         SHA-1 the content of every run, not only the warm-up runs (costs client CPU;
                      without it measured runs are checked by literal and byte counts)
+  --dist DIR         the xaps-proxy build to run (default ${DEFAULTS.dist}; e.g. a patched copy, to compare)
   --out FILE         markdown report (default ${DEFAULTS.out}; overwritten)
+  --json FILE        also write the results as JSON (used by bench/all.ts)
   -h, --help         this text
 `;
 
@@ -116,6 +124,14 @@ export function parseArgs(argv: string[]): BenchArgs | 'help' {
         a.out = next() ?? '';
         if (!a.out) throw new ArgsError('--out needs a file name');
         break;
+      case '--dist':
+        a.dist = next() ?? '';
+        if (!a.dist) throw new ArgsError('--dist needs a directory');
+        break;
+      case '--json':
+        a.json = next() ?? '';
+        if (!a.json) throw new ArgsError('--json needs a file name');
+        break;
       default:
         throw new ArgsError(`unknown argument ${JSON.stringify(argv[i])}`);
     }
@@ -132,6 +148,7 @@ export function canonicalArgs(a: BenchArgs): string[] {
   if (a.seed !== DEFAULTS.seed) out.push('--seed', String(a.seed));
   if (a.profile) out.push('--profile');
   if (a.hashAll) out.push('--hash-all');
+  if (a.dist !== DEFAULTS.dist) out.push('--dist', a.dist);
   if (a.out !== DEFAULTS.out) out.push('--out', a.out);
   return out;
 }

@@ -30,6 +30,11 @@ export interface FilledMailbox {
   /** Time spent writing files and letting Dovecot index them. */
   fillMs: number;
   indexMs: number;
+  /** With `perMessage`: size and SHA-1 of each message, by UID - 1. */
+  sizes?: number[];
+  digests?: string[];
+  /** With `perMessage`: the file names written into Maildir/cur, in UID order. */
+  files?: string[];
 }
 
 /** xorshift32: fast, deterministic, good enough for picking sizes and offsets. */
@@ -128,6 +133,8 @@ export interface FillOptions extends MailboxSpec {
   /** Runs doveadm against the instance. */
   doveadm(args: string[]): Promise<string>;
   user: string;
+  /** Also return each message's size, SHA-1 and file name. */
+  perMessage?: boolean;
 }
 
 export async function fillMaildir(opts: FillOptions): Promise<FilledMailbox> {
@@ -143,6 +150,9 @@ export async function fillMaildir(opts: FillOptions): Promise<FilledMailbox> {
   let minSize = Infinity;
   let maxActual = 0;
   const digest = createHash('sha1');
+  const perSize: number[] = [];
+  const perDigest: string[] = [];
+  const perFile: string[] = [];
   const base = 1_700_000_000;
   const width = String(opts.messages).length;
   // write in parallel batches: the disk is not the limit, syscalls are
@@ -160,6 +170,11 @@ export async function fillMaildir(opts: FillOptions): Promise<FilledMailbox> {
       // equal to the generation order.
       const name = `${base + j}.M${String(j + 1).padStart(width, '0')}P1.xaps-bench,S=${msg.data.length},W=${msg.data.length}:2,`;
       writes.push(fs.writeFile(path.join(maildir, 'cur', name), msg.data, { mode: 0o600 }));
+      if (opts.perMessage) {
+        perSize.push(msg.data.length);
+        perDigest.push(createHash('sha1').update(msg.data).digest('hex'));
+        perFile.push(name);
+      }
     }
     await Promise.all(writes);
   }
@@ -186,5 +201,6 @@ export async function fillMaildir(opts: FillOptions): Promise<FilledMailbox> {
     digest: digest.digest('hex'),
     fillMs: t1 - t0,
     indexMs: t2 - t1,
+    ...(opts.perMessage ? { sizes: perSize, digests: perDigest, files: perFile } : {}),
   };
 }

@@ -94,3 +94,66 @@ export function treeCpuDelta(before: Map<number, number>, after: Map<number, num
   for (const [pid, ms] of after) sum += ms - (before.get(pid) ?? 0);
   return sum;
 }
+
+export interface ProcessMemory {
+  /** VmRSS, KiB: resident memory (RssAnon + RssFile + RssShmem). */
+  rssKb: number;
+  /** RssAnon, KiB: the process's own heap/stack pages (JS heap, malloc, buffers). */
+  anonKb: number;
+  /** RssFile, KiB: mapped files (the node binary, shared libraries). */
+  fileKb: number;
+  /** VmHWM, KiB: peak VmRSS. */
+  hwmKb: number;
+}
+
+/** Memory of one process from /proc/PID/status; undefined when it is gone. */
+export function processMemory(pid: number): ProcessMemory | undefined {
+  let s: string;
+  try {
+    s = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const kb = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(s)?.[1] ?? NaN);
+  return { rssKb: kb('VmRSS'), anonKb: kb('RssAnon'), fileKb: kb('RssFile'), hwmKb: kb('VmHWM') };
+}
+
+/** Open file descriptors of a process (entries of /proc/PID/fd); undefined when unreadable. */
+export function openFds(pid: number): number | undefined {
+  try {
+    return fs.readdirSync(`/proc/${pid}/fd`).length;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * CPU ms of `root`, its live descendants, and every descendant it has already reaped (its
+ * cutime + cstime: Dovecot's master waits for each imap process it started). Unlike treeCpuMs,
+ * the difference of two readings includes processes that came and went in between.
+ */
+export function treeCpuMsWithReaped(root: number): number {
+  let reaped = 0;
+  try {
+    const text = fs.readFileSync(`/proc/${root}/stat`, 'utf8');
+    const rest = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    // rest[13] = cutime (field 16), rest[14] = cstime (17)
+    reaped = ((Number(rest[13]) + Number(rest[14])) * 1000) / clockTicks();
+  } catch {
+    return NaN;
+  }
+  let live = 0;
+  for (const ms of treeCpuMs(root).values()) live += ms;
+  return reaped + live;
+}
+
+/** Busy and total CPU time of the whole machine so far (/proc/stat, all CPUs), ms. */
+export function machineCpuMs(): { busyMs: number; totalMs: number } {
+  const line = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!;
+  // cpu user nice system idle iowait irq softirq steal guest guest_nice
+  const v = line.trim().split(/\s+/).slice(1).map(Number);
+  const idle = (v[3] ?? 0) + (v[4] ?? 0);
+  const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
+  const ms = 1000 / clockTicks();
+  return { busyMs: (total - idle) * ms, totalMs: total * ms };
+}

@@ -22,6 +22,8 @@ export interface ProxyProcess {
   pid: number;
   plainPort: number;
   tlsPort: number;
+  /** Its --metrics-listen port (Prometheus /metrics on 127.0.0.1). */
+  metricsPort: number;
   logPath: string;
   /** The exact command line, for the report. */
   argv: string[];
@@ -40,12 +42,19 @@ export interface ProxyStartOptions {
   profileDir?: string;
   /** Extra node options for the proxy process (experiments: GC flags, --trace-gc, …). */
   nodeArgs?: string[];
+  /** Extra `serve` options. */
+  serveArgs?: string[];
+  /** Log file name inside workDir (default xaps-proxy.log). */
+  logName?: string;
+  /** The build to run (default <root>/dist): e.g. a patched copy, for before/after comparisons. */
+  distDir?: string;
 }
 
 /** `node dist/cli/main.js serve …` with a plain and a TLS listener, in a child process. */
 export async function startProxyProcess(o: ProxyStartOptions): Promise<ProxyProcess> {
-  const main = path.join(o.root, 'dist', 'cli', 'main.js');
-  const [plainPort, tlsPort] = await freePorts(2);
+  const main = path.join(o.distDir ?? path.join(o.root, 'dist'), 'cli', 'main.js');
+  // its own metrics port: the default 127.0.0.1:9925 may be taken by another proxy on the machine
+  const [plainPort, tlsPort, metricsPort] = await freePorts(3);
   const nodeArgs = [...(o.nodeArgs ?? []), ...(o.profileDir ? ['--cpu-prof', '--cpu-prof-dir', o.profileDir] : [])];
   if (o.profileDir) fs.mkdirSync(o.profileDir, { recursive: true });
   const args = [
@@ -57,9 +66,11 @@ export async function startProxyProcess(o: ProxyStartOptions): Promise<ProxyProc
     '--tls-cert', o.certPath,
     '--tls-key', o.keyPath,
     '--upstream', `127.0.0.1:${o.upstreamPort}`,
+    '--metrics-listen', `127.0.0.1:${metricsPort}`,
     '--log-level', 'warn',
+    ...(o.serveArgs ?? []),
   ];
-  const logPath = path.join(o.workDir, 'xaps-proxy.log');
+  const logPath = path.join(o.workDir, o.logName ?? 'xaps-proxy.log');
   const env = { ...process.env };
   for (const k of Object.keys(env)) if (k.startsWith('XAPS_')) delete env[k]; // flags only
   const proc: TrackedProcess = await spawnDaemon(process.execPath, args, { logPath, cwd: o.root, env });
@@ -81,6 +92,7 @@ export async function startProxyProcess(o: ProxyStartOptions): Promise<ProxyProc
     pid: proc.pid,
     plainPort,
     tlsPort,
+    metricsPort,
     logPath,
     argv: [process.execPath, ...args],
     profileDir: o.profileDir,
