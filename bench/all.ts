@@ -22,7 +22,7 @@ import type { IdleSummary } from './idle-capacity.js';
 import { idleHeadlineTable } from './idle-capacity.js';
 import type { MixSummary } from './imap-mix.js';
 import { mixAimLines, mixHeadlineTable } from './imap-mix.js';
-import { onCleanup, runMain, say } from './lib/lifecycle.js';
+import { commandLine, onCleanup, runMain, say } from './lib/lifecycle.js';
 import { commit, machine, table, writeReport } from './lib/report.js';
 import { TARGET_LABEL, type TargetName, type Variant } from './lib/targets.js';
 
@@ -439,18 +439,8 @@ function document(args: Args, outcomes: Outcome[], started: Date, seconds: numbe
 // ------------------------------------------------------------------ main ---
 
 async function main(): Promise<number> {
-  let args: Args;
-  try {
-    const p = parseArgs(process.argv.slice(2));
-    if (p === 'help') {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    args = p;
-  } catch (err) {
-    process.stderr.write(`bench: ${(err as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
+  const args = commandLine(parseArgs, USAGE);
+  if (typeof args === 'number') return args;
   const started = new Date();
   const t0 = Date.now();
   const load0 = os.loadavg()[0]!;

@@ -22,7 +22,8 @@ import { fileURLToPath } from 'node:url';
 import { sleep, startTcpRelay } from '../src/testbed/index.js';
 import { fdLimit } from '../src/testbed/processes.js';
 import { ChildPeer } from './lib/peer.js';
-import { BenchFailure, onCleanup, runMain, say } from './lib/lifecycle.js';
+import { ArgsError, positiveInt, splitOption } from './lib/args.js';
+import { BenchFailure, commandLine, isEntryPoint, onCleanup, runMain, say } from './lib/lifecycle.js';
 import { openFds, processCpuMs, processMemory, type ProcessMemory } from './lib/procstat.js';
 import { commit, machine, median, table, writeReport } from './lib/report.js';
 import { startProxyProcess } from './lib/targets.js';
@@ -92,25 +93,16 @@ over the same process with no session) and its CPU while they idle.
   -h, --help         this text
 `;
 
-class ArgsError extends Error {}
-
 function parseArgs(argv: string[]): Args | 'help' {
   const a: Args = { ...DEFAULTS, steps: [...DEFAULTS.steps], diagnostics: [...DEFAULTS.diagnostics] };
   for (let i = 0; i < argv.length; i++) {
-    let k = argv[i]!;
-    let v: string | undefined;
-    const eq = k.indexOf('=');
-    if (k.startsWith('--') && eq > 0) {
-      v = k.slice(eq + 1);
-      k = k.slice(0, eq);
-    }
+    const opt = splitOption(argv[i]!);
+    const k = opt.name;
+    let v = opt.value;
     if (k === '-h' || k === '--help') return 'help';
     v ??= argv[++i];
     if (v === undefined) throw new ArgsError(`${k} needs a value`);
-    const int = (min: number) => {
-      if (!/^\d+$/.test(v!) || Number(v) < min) throw new ArgsError(`${k} needs an integer >= ${min}, got ${JSON.stringify(v)}`);
-      return Number(v);
-    };
+    const int = (min: number) => positiveInt(k, v, min);
     switch (k) {
       case '--sessions': a.sessions = int(1); break;
       case '--reps': a.reps = int(1); break;
@@ -572,21 +564,8 @@ function makeCert(dir: string): { certPath: string; keyPath: string } {
 }
 
 async function main(): Promise<number> {
-  let args: Args;
-  try {
-    const p = parseArgs(process.argv.slice(2));
-    if (p === 'help') {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    args = p;
-  } catch (err) {
-    if (err instanceof ArgsError) {
-      process.stderr.write(`bench: ${err.message}\n\n${USAGE}`);
-      return 2;
-    }
-    throw err;
-  }
+  const args = commandLine(parseArgs, USAGE, (err) => err instanceof ArgsError);
+  if (typeof args === 'number') return args;
   if (!fs.existsSync(path.resolve(ROOT, args.dist, 'cli', 'main.js'))) throw new Error(`${args.dist}/cli/main.js is missing: run \`npm run build\` (node scripts/bootstrap.mjs bench does)`);
   const started = new Date();
   const t0 = Date.now();
@@ -633,4 +612,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) runMain(main);
+if (isEntryPoint(import.meta.url)) runMain(main);

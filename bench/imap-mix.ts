@@ -21,13 +21,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { dovecotAvailable, haproxyAvailable, runCommand, sleep, startDovecot, type DovecotInstance } from '../src/testbed/index.js';
-import { onCleanup, runMain, say } from './lib/lifecycle.js';
+import { ArgsError, positiveInt, splitOption } from './lib/args.js';
+import { commandLine, isEntryPoint, onCleanup, runMain, say } from './lib/lifecycle.js';
 import { fillMaildir } from './lib/mailbox.js';
 import { machineCpuMs, processUsage, treeCpuMsWithReaped } from './lib/procstat.js';
 import { formatProfile, summarizeProfile } from './lib/cpuprofile.js';
 import { commit, machine, median, table, writeReport } from './lib/report.js';
-import { startProxyProcess, startRelays, TARGET_LABEL, type ProxyProcess, type Relays, type TargetName, type Variant } from './lib/targets.js';
-import type { Endpoint } from './mix-lib/client.js';
+import { endpointOf, proxyLogLines, startProxyProcess, startRelays, TARGET_LABEL, type TargetEnv, type TargetName, type Variant } from './lib/targets.js';
 import { OPS, runPhase, type MailboxModel, type Op, type PhaseResult } from './mix-lib/workload.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -102,18 +102,12 @@ second (closed loop) and p50/p99 latency (paced), as ratios and differences with
   -h, --help         this text
 `;
 
-class ArgsError extends Error {}
-
 function parseArgs(argv: string[]): Args | 'help' {
   const a: Args = { ...DEFAULTS, variants: [...DEFAULTS.variants], targets: [...DEFAULTS.targets] };
   for (let i = 0; i < argv.length; i++) {
-    let k = argv[i]!;
-    let v: string | undefined;
-    const eq = k.indexOf('=');
-    if (k.startsWith('--') && eq > 0) {
-      v = k.slice(eq + 1);
-      k = k.slice(0, eq);
-    }
+    const opt = splitOption(argv[i]!);
+    const k = opt.name;
+    let v = opt.value;
     if (k === '-h' || k === '--help') return 'help';
     if (k === '--profile') {
       a.profile = true;
@@ -121,10 +115,7 @@ function parseArgs(argv: string[]): Args | 'help' {
     }
     v ??= argv[++i];
     if (v === undefined) throw new ArgsError(`${k} needs a value`);
-    const int = (min: number) => {
-      if (!/^\d+$/.test(v!) || Number(v) < min) throw new ArgsError(`${k} needs an integer >= ${min}, got ${JSON.stringify(v)}`);
-      return Number(v);
-    };
+    const int = (min: number) => positiveInt(k, v, min);
     const list = <T extends string>(allowed: readonly T[]): T[] => {
       const items = v!.split(',').map((s) => s.trim()).filter(Boolean);
       for (const x of items) if (!allowed.includes(x as T)) throw new ArgsError(`${k}: unknown ${JSON.stringify(x)} (${allowed.join(', ')})`);
@@ -213,28 +204,6 @@ async function makeMailboxes(dovecot: DovecotInstance, users: string[], messages
 
 // ------------------------------------------------------------------ running ---
 
-interface Env {
-  dovecot: DovecotInstance;
-  relays: Relays | null;
-  proxy: ProxyProcess | null;
-  ca: Buffer;
-}
-
-function endpointOf(env: Env, variant: Variant, target: TargetName): { ep: Endpoint; pid: number | null } {
-  const tls = variant === 'tls' ? { ca: env.ca, servername: 'localhost' } : undefined;
-  const host = '127.0.0.1';
-  switch (target) {
-    case 'direct':
-      return { ep: { host, port: variant === 'tls' ? env.dovecot.imapsPort : env.dovecot.imapPort, tls }, pid: null };
-    case 'relay': {
-      const r = variant === 'tls' ? env.relays!.tls : env.relays!.plain;
-      return { ep: { host, port: r.port, tls }, pid: r.pid };
-    }
-    case 'proxy':
-      return { ep: { host, port: variant === 'tls' ? env.proxy!.tlsPort : env.proxy!.plainPort, tls }, pid: env.proxy!.pid };
-  }
-}
-
 interface Sample {
   round: number;
   variant: Variant;
@@ -267,7 +236,7 @@ function pct(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))]!;
 }
 
-async function runTarget(env: Env, args: Args, box: MailboxModel, users: { user: string; password: string }[], variant: Variant, target: TargetName, round: number, seed: number): Promise<Sample> {
+async function runTarget(env: TargetEnv, args: Args, box: MailboxModel, users: { user: string; password: string }[], variant: Variant, target: TargetName, round: number, seed: number): Promise<Sample> {
   const { ep, pid } = endpointOf(env, variant, target);
   const common = { endpoint: ep, users, clients: args.clients, box, seed, warmMs: args.warmS * 1000, idleHoldMs: args.idleHoldMs };
   // closed loop: CPU of the relay, of Dovecot and of the machine over the measured window only
@@ -594,21 +563,8 @@ function report(args: Args, s: MixSummary, samples: Sample[]): string {
 // --------------------------------------------------------------------- main ---
 
 async function main(): Promise<number> {
-  let args: Args;
-  try {
-    const p = parseArgs(process.argv.slice(2));
-    if (p === 'help') {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    args = p;
-  } catch (err) {
-    if (err instanceof ArgsError) {
-      process.stderr.write(`bench: ${err.message}\n\n${USAGE}`);
-      return 2;
-    }
-    throw err;
-  }
+  const args = commandLine(parseArgs, USAGE, (err) => err instanceof ArgsError);
+  if (typeof args === 'number') return args;
   if (!dovecotAvailable()) throw new Error('Dovecot is not installed (run: node scripts/bootstrap.mjs bench)');
   if (args.targets.includes('relay') && !haproxyAvailable()) throw new Error('haproxy is not installed (run: node scripts/bootstrap.mjs bench)');
   const distDir = path.resolve(ROOT, args.dist);
@@ -626,7 +582,7 @@ async function main(): Promise<number> {
   for (const w of dovecot.warnings) say(`Dovecot: ${w}`);
   const box = await makeMailboxes(dovecot, userNames, args.messages, args.seed);
 
-  const env: Env = { dovecot, relays: null, proxy: null, ca: fs.readFileSync(dovecot.caCertPath) };
+  const env: TargetEnv = { dovecot, relays: null, proxy: null, ca: fs.readFileSync(dovecot.caCertPath) };
   if (args.targets.includes('relay')) {
     env.relays = await startRelays(dovecot.imapPort, dovecot.caCertPath, dovecot.tlsKeyPath, (stop) => onCleanup('haproxy', stop));
   }
@@ -664,11 +620,7 @@ async function main(): Promise<number> {
   let proxyLog = '';
   if (env.proxy) {
     await env.proxy.stop();
-    proxyLog = (fs.existsSync(env.proxy.logPath) ? fs.readFileSync(env.proxy.logPath, 'utf8') : '')
-      .split('\n')
-      .filter((l) => l.trim() && !l.startsWith('xaps-proxy: warning:'))
-      .slice(-20)
-      .join('\n');
+    proxyLog = proxyLogLines(env.proxy).slice(-20).join('\n');
     if (env.proxy.profileDir) {
       for (const f of fs.readdirSync(env.proxy.profileDir).filter((x) => x.endsWith('.cpuprofile'))) {
         const file = path.join(env.proxy.profileDir, f);
@@ -686,4 +638,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) runMain(main);
+if (isEntryPoint(import.meta.url)) runMain(main);

@@ -10,13 +10,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { dovecotAvailable, haproxyAvailable, sleep, startDovecot, type DovecotInstance } from '../src/testbed/index.js';
+import { dovecotAvailable, haproxyAvailable, sleep, startDovecot } from '../src/testbed/index.js';
 import { ArgsError, canonicalArgs, parseArgs, USAGE, type BenchArgs } from './lib/args.js';
 import { fillMaildir } from './lib/mailbox.js';
 import { CorrectnessError, expected, verify, type Reference } from './lib/verify.js';
-import { runFetch, StallError, type Endpoint, type FetchRunResult } from './lib/imap-load.js';
+import { runFetch, StallError, type FetchRunResult } from './lib/imap-load.js';
 import { processUsage, treeCpuDelta, treeCpuMs, type ProcessUsage } from './lib/procstat.js';
-import { startProxyProcess, startRelays, TARGET_LABEL, type ProxyProcess, type Relays, type TargetName, type Variant } from './lib/targets.js';
+import { endpointOf, proxyLogLines, startProxyProcess, startRelays, TARGET_LABEL, type TargetEnv, type TargetName, type Variant } from './lib/targets.js';
 import {
   AIM,
   aimLines,
@@ -30,51 +30,12 @@ import {
   type RunSample,
 } from './lib/report.js';
 import { formatProfile, summarizeProfile } from './lib/cpuprofile.js';
+import { commandLine, onCleanup, runMain, say } from './lib/lifecycle.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const USER = 'bench';
 const PASSWORD = 'benchpw';
 const MB = 1e6;
-
-function say(msg: string): void {
-  process.stderr.write(`[bench] ${msg}\n`);
-}
-
-// ------------------------------------------------------------------ cleanup ---
-
-const cleanups: { what: string; run: () => Promise<void> }[] = [];
-let cleaning: Promise<void> | undefined;
-
-function onCleanup(what: string, run: () => Promise<void>): void {
-  cleanups.push({ what, run });
-}
-
-function cleanup(): Promise<void> {
-  cleaning ??= (async () => {
-    while (cleanups.length > 0) {
-      const c = cleanups.pop()!;
-      try {
-        await c.run();
-      } catch (err) {
-        say(`cleanup of ${c.what} failed: ${(err as Error).message}`);
-      }
-    }
-  })();
-  return cleaning;
-}
-
-let interrupted = false;
-for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
-  process.on(sig, () => {
-    if (interrupted) {
-      // second Ctrl-C: leave now; the testbed's exit hook SIGKILLs the pids it started
-      process.exit(code);
-    }
-    interrupted = true;
-    say(`${sig}: stopping everything this benchmark started ...`);
-    void cleanup().finally(() => process.exit(code));
-  });
-}
 
 // -------------------------------------------------------------------- dist ---
 
@@ -108,35 +69,13 @@ function ensureDist(): void {
 
 // ------------------------------------------------------------------ targets ---
 
-interface Env {
-  dovecot: DovecotInstance;
-  relays: Relays | null;
-  proxy: ProxyProcess | null;
-  ca: Buffer;
-}
-
-function endpointOf(env: Env, variant: Variant, target: TargetName): { ep: Endpoint; pid: number | null } {
-  const tls = variant === 'tls' ? { ca: env.ca, servername: 'localhost' } : undefined;
-  const host = '127.0.0.1';
-  switch (target) {
-    case 'direct':
-      return { ep: { host, port: variant === 'tls' ? env.dovecot.imapsPort : env.dovecot.imapPort, tls }, pid: null };
-    case 'relay': {
-      const r = variant === 'tls' ? env.relays!.tls : env.relays!.plain;
-      return { ep: { host, port: r.port, tls }, pid: r.pid };
-    }
-    case 'proxy':
-      return { ep: { host, port: variant === 'tls' ? env.proxy!.tlsPort : env.proxy!.plainPort, tls }, pid: env.proxy!.pid };
-  }
-}
-
 interface Measured extends FetchRunResult {
   /** CPU and page faults of the haproxy / xaps-proxy process during the FETCH phase; null for direct. */
   relay: ProcessUsage | null;
   dovecotCpuMs: number;
 }
 
-async function measure(env: Env, args: BenchArgs, variant: Variant, target: TargetName, hash: boolean): Promise<Measured> {
+async function measure(env: TargetEnv, args: BenchArgs, variant: Variant, target: TargetName, hash: boolean): Promise<Measured> {
   const { ep, pid } = endpointOf(env, variant, target);
   let relay0: ProcessUsage | undefined;
   let relay: ProcessUsage | null = null;
@@ -169,21 +108,8 @@ async function measure(env: Env, args: BenchArgs, variant: Variant, target: Targ
 // --------------------------------------------------------------------- main ---
 
 async function main(): Promise<number> {
-  let args: BenchArgs;
-  try {
-    const parsed = parseArgs(process.argv.slice(2));
-    if (parsed === 'help') {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    args = parsed;
-  } catch (err) {
-    if (err instanceof ArgsError) {
-      process.stderr.write(`bench: ${err.message}\n\n${USAGE}`);
-      return 2;
-    }
-    throw err;
-  }
+  const args = commandLine(parseArgs, USAGE, (err) => err instanceof ArgsError);
+  if (typeof args === 'number') return args;
   if (!dovecotAvailable()) throw new Error('Dovecot is not installed (run: node scripts/bootstrap.mjs bench)');
   if (args.targets.includes('relay') && !haproxyAvailable()) throw new Error('haproxy is not installed (run: node scripts/bootstrap.mjs bench)');
   if (args.targets.includes('proxy') && args.dist === 'dist') ensureDist();
@@ -216,7 +142,7 @@ async function main(): Promise<number> {
   );
 
   // ---- relays
-  const env: Env = { dovecot, relays: null, proxy: null, ca: fs.readFileSync(dovecot.caCertPath) };
+  const env: TargetEnv = { dovecot, relays: null, proxy: null, ca: fs.readFileSync(dovecot.caCertPath) };
   if (args.targets.includes('relay')) {
     say('starting haproxy (mode tcp; plain, and TLS-terminating) ...');
     env.relays = await startRelays(dovecot.imapPort, dovecot.caCertPath, dovecot.tlsKeyPath, (stop) => onCleanup('haproxy', stop));
@@ -294,11 +220,7 @@ async function main(): Promise<number> {
   let profileText = '';
   if (env.proxy) {
     await env.proxy.stop();
-    // what the proxy logged at warn and above, less the configuration warnings printed at startup
-    proxyLog = (fs.existsSync(env.proxy.logPath) ? fs.readFileSync(env.proxy.logPath, 'utf8') : '')
-      .split('\n')
-      .filter((l) => l.trim() && !l.startsWith('xaps-proxy: warning:'))
-      .join('\n');
+    proxyLog = proxyLogLines(env.proxy).join('\n');
     if (env.proxy.profileDir) {
       const files = fs.readdirSync(env.proxy.profileDir).filter((f) => f.endsWith('.cpuprofile'));
       for (const f of files) {
@@ -392,20 +314,10 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main()
-  .then(async (code) => {
-    await cleanup();
-    process.exit(code);
-  })
-  .catch(async (err: unknown) => {
-    if (interrupted) return; // the signal handler cleans up and exits
-    if (err instanceof CorrectnessError) {
-      process.stderr.write(`\n[bench] CORRECTNESS FAILURE: ${err.message}\n[bench] a target did not relay the mailbox byte for byte\n`);
-    } else if (err instanceof StallError) {
-      process.stderr.write(`\n[bench] FAILED, a target stalled: ${err.message}\n`);
-    } else {
-      process.stderr.write(`\n[bench] FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    }
-    await cleanup();
-    process.exit(1);
-  });
+runMain(main, (err) => {
+  if (err instanceof CorrectnessError) {
+    return `\n[bench] CORRECTNESS FAILURE: ${err.message}\n[bench] a target did not relay the mailbox byte for byte\n`;
+  }
+  if (err instanceof StallError) return `\n[bench] FAILED, a target stalled: ${err.message}\n`;
+  return undefined;
+});

@@ -23,15 +23,12 @@ import { canConnect, sleep, waitFor } from '../src/testbed/processes.js';
 import { createStore, DEFAULT_TTL_MS, mailboxRef } from '../src/store/index.js';
 import { startIdleClient, type IdleClient } from './push-lib/idle-client.js';
 import { establishedTo, memKb, startPushProxy, type PushProxy } from './push-lib/proxy.js';
+import { commandLine, onCleanup, runMain, say } from './lib/lifecycle.js';
 import { commit, machine, table, writeReport } from './lib/report.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ACCOUNT = '0715A26B-1C2D-4E3F-8A9B-0C1D2E3F4A5B';
 const COALESCE = '100ms';
-
-function say(msg: string): void {
-  process.stderr.write(`[bench] ${msg}\n`);
-}
 
 // ------------------------------------------------------------------- args ---
 
@@ -90,34 +87,6 @@ function parseArgs(argv: string[]): Args | 'help' {
 
 const canonical = (a: Args) =>
   `npm run bench:push -- --deliveries ${a.deliveries} --users ${a.users} --spacing ${a.spacingMs} --memory-users ${a.memoryUsers} --modes ${a.modes.join(',')}`;
-
-// ---------------------------------------------------------------- cleanup ---
-
-const cleanups: { what: string; run: () => Promise<void> }[] = [];
-const onCleanup = (what: string, run: () => Promise<void>) => cleanups.push({ what, run });
-let cleaning: Promise<void> | undefined;
-function cleanup(): Promise<void> {
-  cleaning ??= (async () => {
-    while (cleanups.length) {
-      const c = cleanups.pop()!;
-      try {
-        await c.run();
-      } catch (err) {
-        say(`cleanup of ${c.what} failed: ${(err as Error).message}`);
-      }
-    }
-  })();
-  return cleaning;
-}
-let interrupted = false;
-for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
-  process.on(sig, () => {
-    if (interrupted) process.exit(code);
-    interrupted = true;
-    say(`${sig}: stopping everything this benchmark started ...`);
-    void cleanup().finally(() => process.exit(code));
-  });
-}
 
 // ------------------------------------------------------------------ utils ---
 
@@ -477,18 +446,8 @@ async function runMemory(args: Args, apns: Apns, work: string): Promise<MemoryRe
 // ------------------------------------------------------------------ main ---
 
 async function main(): Promise<number> {
-  let args: Args;
-  try {
-    const p = parseArgs(process.argv.slice(2));
-    if (p === 'help') {
-      process.stdout.write(USAGE);
-      return 0;
-    }
-    args = p;
-  } catch (err) {
-    process.stderr.write(`bench: ${(err as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
+  const args = commandLine(parseArgs, USAGE);
+  if (typeof args === 'number') return args;
   if (!dovecotAvailable()) throw new Error('Dovecot is not installed (run: node scripts/bootstrap.mjs bench)');
   if (!fs.existsSync(path.join(ROOT, 'dist', 'cli', 'main.js'))) throw new Error('dist/cli/main.js is missing: run `npm run build`');
   const started = new Date();
@@ -642,14 +601,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main()
-  .then(async (code) => {
-    await cleanup();
-    process.exit(code);
-  })
-  .catch(async (err: unknown) => {
-    if (interrupted) return;
-    process.stderr.write(`\n[bench] FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    await cleanup();
-    process.exit(1);
-  });
+runMain(main);

@@ -1,4 +1,4 @@
-/** Command line of bench/proxy-throughput.ts. */
+/** Command line of bench/proxy-throughput.ts, and the option helpers the other benchmarks share (ArgsError, splitOption, positiveInt). */
 import type { TargetName, Variant } from './targets.js';
 
 export interface BenchArgs {
@@ -62,7 +62,15 @@ the ratios, and the relays' CPU time per MB.
 
 export class ArgsError extends Error {}
 
-function positiveInt(name: string, v: string | undefined, min = 1): number {
+/** `--name=value` → name and value; any other argument → itself, value undefined. */
+export function splitOption(arg: string): { name: string; value: string | undefined } {
+  const eq = arg.indexOf('=');
+  if (arg.startsWith('--') && eq > 0) return { name: arg.slice(0, eq), value: arg.slice(eq + 1) };
+  return { name: arg, value: undefined };
+}
+
+/** The value of option `name` as an integer >= `min` (else ArgsError). */
+export function positiveInt(name: string, v: string | undefined, min = 1): number {
   if (v === undefined || !/^\d+$/.test(v) || Number(v) < min) throw new ArgsError(`${name} needs an integer >= ${min}, got ${JSON.stringify(v ?? '')}`);
   return Number(v);
 }
@@ -78,13 +86,7 @@ function list<T extends string>(name: string, v: string | undefined, allowed: re
 export function parseArgs(argv: string[]): BenchArgs | 'help' {
   const a: BenchArgs = { ...DEFAULTS, variants: [...DEFAULTS.variants], targets: [...DEFAULTS.targets] };
   for (let i = 0; i < argv.length; i++) {
-    let arg = argv[i];
-    let value: string | undefined;
-    const eq = arg.indexOf('=');
-    if (arg.startsWith('--') && eq > 0) {
-      value = arg.slice(eq + 1);
-      arg = arg.slice(0, eq);
-    }
+    const { name: arg, value } = splitOption(argv[i]);
     const next = () => value ?? argv[++i];
     switch (arg) {
       case '-h':

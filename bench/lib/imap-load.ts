@@ -4,16 +4,10 @@
  * enough IMAP to find where a tagged response ends: lines, and `{n}` literals it skips by count
  * (never scanning their bytes).
  */
-import net from 'node:net';
-import tls from 'node:tls';
 import { createHash, type Hash } from 'node:crypto';
+import { ImapWire, STALL_MS, type Endpoint } from './imap-wire.js';
 
-export interface Endpoint {
-  host: string;
-  port: number;
-  /** Implicit TLS (IMAPS). */
-  tls?: { ca: Buffer; servername: string };
-}
+export type { Endpoint } from './imap-wire.js';
 
 export interface CommandResult {
   status: 'OK' | 'NO' | 'BAD';
@@ -31,26 +25,8 @@ export interface CommandResult {
   digest: string | null;
 }
 
-const LF = 0x0a;
-const STALL_MS = 30_000;
-
 /** The server (or relay) stopped sending in the middle of a response. */
 export class StallError extends Error {}
-
-function literalAtEnd(line: Buffer): number {
-  // `… {123}\r\n` or `… {123+}\r\n` or `… ~{123}\r\n`
-  let i = line.length - 1;
-  if (i < 0 || line[i] !== LF) return -1;
-  i--;
-  if (i >= 0 && line[i] === 0x0d) i--;
-  if (i < 0 || line[i] !== 0x7d) return -1;
-  i--;
-  if (i >= 0 && line[i] === 0x2b) i--;
-  const end = i + 1;
-  while (i >= 0 && line[i] >= 0x30 && line[i] <= 0x39) i--;
-  if (end - (i + 1) === 0 || line[i] !== 0x7b) return -1;
-  return Number(line.toString('latin1', i + 1, end));
-}
 
 interface Waiter {
   tag: string;
@@ -62,15 +38,10 @@ interface Waiter {
   hash: Hash | null;
 }
 
-export class RawImapClient {
-  private socket!: net.Socket;
-  private lineParts: Buffer[] = [];
-  private literalLeft = 0;
-  private waiter: Waiter | null = null;
-  private greeting: { resolve: (line: string) => void; reject: (e: Error) => void } | null = null;
-  private failure: Error | null = null;
-  private tagSeq = 0;
-  private closed = false;
+export class RawImapClient extends ImapWire<Waiter> {
+  constructor() {
+    super('b');
+  }
 
   static async connect(ep: Endpoint, timeoutMs = 15_000): Promise<RawImapClient> {
     const c = new RawImapClient();
@@ -78,104 +49,36 @@ export class RawImapClient {
     return c;
   }
 
-  private open(ep: Endpoint, timeoutMs: number): Promise<string> {
-    return new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => this.fail(new Error(`no greeting from ${ep.host}:${ep.port} within ${timeoutMs} ms`)), timeoutMs);
-      this.greeting = {
-        resolve: (l) => {
-          clearTimeout(timer);
-          resolve(l);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      };
-      const sock = ep.tls
-        ? tls.connect({ host: ep.host, port: ep.port, ca: ep.tls.ca, servername: ep.tls.servername })
-        : net.connect({ host: ep.host, port: ep.port });
-      this.socket = sock;
-      sock.setNoDelay(true);
-      // A relay that loses bytes leaves us waiting for a literal or tagged line that never completes.
-      sock.setTimeout(STALL_MS, () =>
-        this.fail(new StallError(`${ep.host}:${ep.port}: no bytes for ${STALL_MS / 1000} s while a command was running (lost or extra bytes?)`)),
-      );
-      sock.on('data', (chunk: Buffer) => this.onData(chunk));
-      sock.on('error', (e) => this.fail(new Error(`${ep.host}:${ep.port}: ${e.message}`)));
-      sock.on('close', () => {
-        this.closed = true;
-        this.fail(new Error(`${ep.host}:${ep.port} closed the connection`));
-      });
-    });
+  protected override stalled(where: string): void {
+    this.fail(new StallError(`${where}: no bytes for ${STALL_MS / 1000} s while a command was running (lost or extra bytes?)`));
   }
 
-  private fail(err: Error): void {
-    if (!this.failure) this.failure = err;
-    const g = this.greeting;
-    this.greeting = null;
-    g?.reject(err);
-    const w = this.waiter;
-    this.waiter = null;
-    w?.reject(err);
-    if (!this.closed) this.socket?.destroy();
+  protected override greetingText(text: string): string {
+    return text.trimEnd();
   }
 
-  private onData(chunk: Buffer): void {
-    const w = this.waiter;
-    if (w) w.bytes += chunk.length;
-    let pos = 0;
-    const len = chunk.length;
-    while (pos < len) {
-      if (this.literalLeft > 0) {
-        const n = Math.min(this.literalLeft, len - pos);
-        if (w) {
-          w.literalBytes += n;
-          w.hash?.update(chunk.subarray(pos, pos + n));
-        }
-        this.literalLeft -= n;
-        pos += n;
-        continue;
-      }
-      const lf = chunk.indexOf(LF, pos);
-      if (lf < 0) {
-        this.lineParts.push(chunk.subarray(pos));
-        return;
-      }
-      let line = chunk.subarray(pos, lf + 1);
-      if (this.lineParts.length > 0) {
-        this.lineParts.push(line);
-        line = Buffer.concat(this.lineParts);
-        this.lineParts = [];
-      }
-      pos = lf + 1;
-      this.onLine(line, len - pos);
+  protected override received(w: Waiter, n: number): void {
+    w.bytes += n;
+  }
+
+  protected override literalData(w: Waiter | null, chunk: Buffer, start: number, end: number): void {
+    if (w) {
+      w.literalBytes += end - start;
+      w.hash?.update(chunk.subarray(start, end));
     }
+  }
+
+  protected override literalStart(w: Waiter | null): void {
+    if (w) w.literals++;
   }
 
   /** `after`: bytes of the current chunk that follow this line. */
-  private onLine(line: Buffer, after: number): void {
-    const lit = literalAtEnd(line);
-    if (lit >= 0) {
-      this.literalLeft = lit;
-      if (this.waiter) this.waiter.literals++;
-      // a `{0}` literal has no bytes: the line continues after it
-      return;
-    }
-    if (this.greeting) {
-      const g = this.greeting;
-      this.greeting = null;
-      const text = line.toString('latin1').trimEnd();
-      if (/^\* (OK|PREAUTH)\b/i.test(text)) g.resolve(text);
-      else g.reject(new Error(`unexpected greeting: ${text}`));
-      return;
-    }
-    const w = this.waiter;
-    if (!w) return;
+  protected override response(w: Waiter, line: Buffer, after: number): void {
     // tagged line? `<tag> OK|NO|BAD …`
-    if (line.length > w.tag.length + 1 && line[w.tag.length] === 0x20 && line.toString('latin1', 0, w.tag.length) === w.tag) {
+    if (ImapWire.isTagged(line, w.tag)) {
       const text = line.toString('latin1').trimEnd();
       const status = text.slice(w.tag.length + 1, w.tag.length + 4).toUpperCase().trim();
-      this.waiter = null;
+      this.pending = null;
       w.resolve({
         status: status === 'OK' ? 'OK' : status === 'NO' ? 'NO' : 'BAD',
         text,
@@ -190,21 +93,15 @@ export class RawImapClient {
 
   /** Send one command (no literals in it) and collect its response. */
   command(text: string, opts: { hash?: boolean } = {}): Promise<CommandResult> {
-    if (this.failure) return Promise.reject(this.failure);
-    if (this.waiter) return Promise.reject(new Error('one command at a time'));
-    const tag = `b${++this.tagSeq}`;
-    return new Promise<CommandResult>((resolve, reject) => {
-      this.waiter = {
-        tag,
-        resolve,
-        reject,
-        bytes: 0,
-        literalBytes: 0,
-        literals: 0,
-        hash: opts.hash ? createHash('sha1') : null,
-      };
-      this.socket.write(`${tag} ${text}\r\n`);
-    });
+    return this.start<CommandResult>(text, (tag, resolve, reject) => ({
+      tag,
+      resolve,
+      reject,
+      bytes: 0,
+      literalBytes: 0,
+      literals: 0,
+      hash: opts.hash ? createHash('sha1') : null,
+    }));
   }
 
   async ok(text: string): Promise<CommandResult> {
@@ -218,11 +115,6 @@ export class RawImapClient {
     if (!this.closed && !this.failure) {
       await Promise.race([this.command('LOGOUT').catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
     }
-    this.failure ??= new Error('closed');
-    this.socket?.destroy();
-  }
-
-  destroy(): void {
     this.failure ??= new Error('closed');
     this.socket?.destroy();
   }

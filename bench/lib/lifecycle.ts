@@ -1,9 +1,12 @@
 /**
- * Start-up and shutdown shared by bench/imap-mix.ts, bench/idle-capacity.ts and bench/all.ts:
+ * Start-up and shutdown shared by the benchmarks (bench/*.ts): the command line, and
  * everything a benchmark starts registers its stop here, and it is stopped in reverse order on
  * exit, on errors and on Ctrl-C / SIGTERM (a second signal exits at once; the test bed's exit
  * hook SIGKILLs the daemons it tracks).
  */
+
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export function say(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);
@@ -35,12 +38,41 @@ export function cleanup(): Promise<void> {
 export class BenchFailure extends Error {}
 
 /**
- * Runs `main` (its result is the exit code), cleaning up in every case. Timing never fails a
- * benchmark: only exceptions (something broke) give exit 1.
+ * The command line, parsed by `parse`: an options object, or the exit code when there is nothing
+ * to run: `--help` prints `usage` (0); a bad option prints its message and `usage` (2). An error
+ * `isArgsError` does not accept is not about the options and is thrown on.
  */
-export function runMain(main: () => Promise<number>): void {
+export function commandLine<A>(parse: (argv: string[]) => A | 'help', usage: string, isArgsError: (err: unknown) => boolean = () => true): A | number {
+  try {
+    const p = parse(process.argv.slice(2));
+    if (p === 'help') {
+      process.stdout.write(usage);
+      return 0;
+    }
+    return p;
+  } catch (err) {
+    if (isArgsError(err)) {
+      process.stderr.write(`bench: ${(err as Error).message}\n\n${usage}`);
+      return 2;
+    }
+    throw err;
+  }
+}
+
+/** Whether the module of `importMetaUrl` is the script node was started with (not imported). */
+export function isEntryPoint(importMetaUrl: string): boolean {
+  return !!process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(importMetaUrl);
+}
+
+/**
+ * Runs `main` (its result is the exit code), cleaning up in every case. Timing never fails a
+ * benchmark: only exceptions (something broke) give exit 1. `failureText`: what to print for an
+ * exception, when a benchmark words some of its own (undefined: the default text).
+ */
+export function runMain(main: () => Promise<number>, failureText?: (err: unknown) => string | undefined): void {
   for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
     process.on(sig, () => {
+      // second Ctrl-C: leave now; the testbed's exit hook SIGKILLs the pids it started
       if (interrupted) process.exit(code);
       interrupted = true;
       say(`${sig}: stopping everything this benchmark started ...`);
@@ -53,9 +85,9 @@ export function runMain(main: () => Promise<number>): void {
       process.exit(code);
     })
     .catch(async (err: unknown) => {
-      if (interrupted) return;
+      if (interrupted) return; // the signal handler cleans up and exits
       const what = err instanceof BenchFailure ? 'FAILED (wrong result)' : 'FAILED';
-      process.stderr.write(`\n[bench] ${what}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      process.stderr.write(failureText?.(err) ?? `\n[bench] ${what}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
       await cleanup();
       process.exit(1);
     });

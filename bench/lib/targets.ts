@@ -8,6 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { freePorts, startTcpRelay, waitFor, type TcpRelayInstance } from '../../src/testbed/index.js';
 import { canConnect, spawnDaemon, terminate, WaitAborted, type TrackedProcess } from '../../src/testbed/processes.js';
+import type { DovecotInstance } from '../../src/testbed/index.js';
+import type { Endpoint } from './imap-wire.js';
 
 export type TargetName = 'direct' | 'relay' | 'proxy';
 export type Variant = 'plain' | 'tls';
@@ -119,4 +121,33 @@ export async function startRelays(upstreamPort: number, certPath: string, keyPat
   });
   track(() => tls.stop());
   return { plain, tls };
+}
+
+/** The targets of one benchmark run: null where not started. */
+export interface TargetEnv {
+  dovecot: DovecotInstance;
+  relays: Relays | null;
+  proxy: ProxyProcess | null;
+  ca: Buffer;
+}
+
+/** Where a client connects to reach `target` in `variant`, and the relay process in between (null: direct). */
+export function endpointOf(env: TargetEnv, variant: Variant, target: TargetName): { ep: Endpoint; pid: number | null } {
+  const tls = variant === 'tls' ? { ca: env.ca, servername: 'localhost' } : undefined;
+  const host = '127.0.0.1';
+  switch (target) {
+    case 'direct':
+      return { ep: { host, port: variant === 'tls' ? env.dovecot.imapsPort : env.dovecot.imapPort, tls }, pid: null };
+    case 'relay': {
+      const r = variant === 'tls' ? env.relays!.tls : env.relays!.plain;
+      return { ep: { host, port: r.port, tls }, pid: r.pid };
+    }
+    case 'proxy':
+      return { ep: { host, port: variant === 'tls' ? env.proxy!.tlsPort : env.proxy!.plainPort, tls }, pid: env.proxy!.pid };
+  }
+}
+
+/** What the proxy logged (warn and above), less the configuration warnings it prints at startup, line by line. */
+export function proxyLogLines(p: ProxyProcess): string[] {
+  return (fs.existsSync(p.logPath) ? fs.readFileSync(p.logPath, 'utf8') : '').split('\n').filter((l) => l.trim() && !l.startsWith('xaps-proxy: warning:'));
 }
