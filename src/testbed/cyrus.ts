@@ -25,17 +25,18 @@
  * master would orphan them (idled is reparented to init at once, prefork imapd keep
  * listening), so stop() and the exit hook also SIGKILL that process group — ours alone.
  */
-import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { freePorts } from './ports.js';
 import {
   findBinary,
+  killProcessGroup,
   probeBanner,
   runCommand,
+  spawnDaemon,
   terminate,
   waitFor,
   WaitAborted,
@@ -145,57 +146,10 @@ async function makeDir(): Promise<string> {
   return fs.realpath(dir);
 }
 
-/** Process groups of masters started here that may still hold processes. */
-const liveGroups = new Set<number>();
-let exitHookInstalled = false;
-
-function killGroup(pgid: number): void {
-  try {
-    process.kill(-pgid, 'SIGKILL');
-  } catch {
-    /* already gone */
-  }
-}
-
-/** Starts the master as the leader of a new process group, output to `logPath`. */
-async function spawnMaster(cmd: string, args: string[], logPath: string, cwd: string): Promise<TrackedProcess> {
-  if (!exitHookInstalled) {
-    exitHookInstalled = true;
-    process.on('exit', () => {
-      for (const g of liveGroups) killGroup(g);
-    });
-  }
-  const fd = openSync(logPath, 'a');
-  let child;
-  try {
-    child = spawn(cmd, args, { cwd, stdio: ['ignore', fd, fd], detached: true });
-  } finally {
-    closeSync(fd);
-  }
-  let exitedFlag = false;
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    child.once('exit', (code, signal) => {
-      exitedFlag = true;
-      resolve({ code, signal });
-    });
-  });
-  const pid = await new Promise<number>((resolve, reject) => {
-    child.once('error', (err) => {
-      exitedFlag = true;
-      reject(new Error(`cannot start ${cmd}: ${err.message}`));
-    });
-    child.once('spawn', () => resolve(child.pid as number));
-  });
-  liveGroups.add(pid);
-  child.unref();
-  return { pid, child, exited, hasExited: () => exitedFlag };
-}
-
 /** SIGTERM the master (its children follow), SIGKILL after 5 s, then SIGKILL whatever is left in its group. */
 async function stopMaster(p: TrackedProcess): Promise<void> {
   await terminate(p, { graceMs: 5000 });
-  killGroup(p.pid);
-  liveGroups.delete(p.pid);
+  killProcessGroup(p.pid);
 }
 
 interface Ports {
@@ -380,7 +334,11 @@ export async function startCyrus(opts: CyrusOptions = {}): Promise<CyrusInstance
     const start = async (): Promise<number> => {
       await fs.rm(pidFile, { force: true });
       // No -d: the master stays in the foreground as our child; stdio goes to a file.
-      proc = await spawnMaster(path.join(CYRUS_BIN, 'master'), ['-C', configPath, '-M', cyrusConfPath, '-p', pidFile], logPath, dir);
+      proc = await spawnDaemon(path.join(CYRUS_BIN, 'master'), ['-C', configPath, '-M', cyrusConfPath, '-p', pidFile], {
+          logPath,
+          cwd: dir,
+          processGroup: true,
+        });
       const p = proc;
       try {
         await waitFor(

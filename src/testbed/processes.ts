@@ -188,6 +188,8 @@ export function probeBanner(
 // ------------------------------------------------------------------ tracking ---
 
 const tracked = new Set<number>();
+/** Leaders of process groups started with `processGroup`: the whole group is killed, not just the leader. */
+const trackedGroups = new Set<number>();
 let exitHookInstalled = false;
 
 function installExitHook(): void {
@@ -206,6 +208,17 @@ export function killAllTracked(): void {
     }
   }
   tracked.clear();
+  for (const pgid of [...trackedGroups]) killProcessGroup(pgid);
+}
+
+/** SIGKILL every process left in the group led by `pgid` (spawned with `processGroup`), and stop tracking it. */
+export function killProcessGroup(pgid: number): void {
+  try {
+    process.kill(-pgid, 'SIGKILL');
+  } catch {
+    /* already gone */
+  }
+  trackedGroups.delete(pgid);
 }
 
 export interface ExitInfo {
@@ -226,6 +239,8 @@ export interface SpawnDaemonOptions {
   logPath: string;
   cwd?: string;
   env?: NodeJS.ProcessEnv;
+  /** Lead a new process group, so that its children can be killed with it (killProcessGroup). */
+  processGroup?: boolean;
 }
 
 /** Spawn a long-running process in the foreground, output to a log file, pid tracked. */
@@ -234,7 +249,7 @@ export async function spawnDaemon(cmd: string, args: string[], opts: SpawnDaemon
   const fd = fs.openSync(opts.logPath, 'a');
   let child: ChildProcess;
   try {
-    child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['ignore', fd, fd] });
+    child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['ignore', fd, fd], detached: opts.processGroup === true });
   } finally {
     fs.closeSync(fd);
   }
@@ -255,6 +270,7 @@ export async function spawnDaemon(cmd: string, args: string[], opts: SpawnDaemon
     child.once('spawn', () => resolve(child.pid as number));
   });
   tracked.add(pid);
+  if (opts.processGroup) trackedGroups.add(pid);
   child.unref();
   return { pid, child, exited, hasExited: () => exitedFlag };
 }
