@@ -282,19 +282,22 @@ export function parseLiteralAtEnd(line: Buffer): LiteralInfo | null {
   return { size, sync, binary };
 }
 
-const STATUS_WORDS = new Set(['OK', 'NO', 'BAD', 'BYE', 'PREAUTH']);
-
 /** Continuation requests and status responses end in resp-text: no literal there. */
 export function isTextOnlyResponse(head: Buffer): boolean {
   if (head.length === 0) return false;
   if (head[0] === 0x2b /* + */) return true;
   const sp = head.indexOf(0x20);
   if (sp <= 0) return false;
-  let end = sp + 1;
+  const start = sp + 1;
+  // `* 12 FETCH …`, the bulk of a server's lines: a number is no status word
+  if (start < head.length && head[start] >= 0x30 && head[start] <= 0x39) return false;
+  let end = start;
   while (end < head.length && head[end] !== 0x20 && head[end] !== CR && head[end] !== LF) end++;
-  const word = head.toString('latin1', sp + 1, end).toUpperCase();
-  if (!STATUS_WORDS.has(word)) return false;
-  const tag = head.toString('latin1', 0, sp);
+  const n = end - start;
+  if (n !== 2 && n !== 3 && n !== 7) return false;
+  const word = head.toString('latin1', start, end).toUpperCase();
+  const tagged = !(sp === 1 && head[0] === 0x2a); /* * */
+  if (word === 'OK' || word === 'NO' || word === 'BAD') return true;
   // a tagged response is never BYE/PREAUTH, but treating those as text is harmless
-  return tag === '*' || word === 'OK' || word === 'NO' || word === 'BAD';
+  return !tagged && (word === 'BYE' || word === 'PREAUTH');
 }

@@ -14,24 +14,78 @@ export type ResponseHead =
   | { kind: 'data'; name: string }
   | { kind: 'unknown' };
 
-const STATUS = new Set(['OK', 'NO', 'BAD', 'BYE', 'PREAUTH']);
+const SP = 0x20;
+const CR = 0x0d;
+const LF = 0x0a;
+/** How far into a line the head is looked for. */
+const HEAD_SCAN = 256;
 
+/** Whitespace as a regular expression's `\s` sees a latin1-decoded byte. */
+function isSpaceByte(c: number): boolean {
+  return c === SP || (c >= 0x09 && c <= 0x0d) || c === 0xa0;
+}
+
+/** End of the word starting at `from` (exclusive), or -1 when it is empty or ends in other whitespace than SP/CR/LF. */
+function wordEnd(line: Buffer, from: number, limit: number): number {
+  let i = from;
+  while (i < limit && !isSpaceByte(line[i])) i++;
+  if (i === from) return -1;
+  if (i < limit && line[i] !== SP && line[i] !== CR && line[i] !== LF) return -1;
+  return i;
+}
+
+function isDigits(line: Buffer, from: number, to: number): boolean {
+  for (let i = from; i < to; i++) if (line[i] < 0x30 || line[i] > 0x39) return false;
+  return true;
+}
+
+/** The status word (any case) between `from` and `to`, or null. */
+function statusWord(line: Buffer, from: number, to: number): Status | null {
+  const n = to - from;
+  if (n !== 2 && n !== 3 && n !== 7) return null;
+  const word = line.toString('latin1', from, to).toUpperCase();
+  return word === 'OK' || word === 'NO' || word === 'BAD' || word === 'BYE' || word === 'PREAUTH' ? word : null;
+}
+
+/**
+ * What a response line is, from its first words: `tag SP word [SP word]`, each word ending at SP, CR, LF or the
+ * end of the first HEAD_SCAN bytes; any other whitespace, or a missing word, makes it unknown.
+ */
 export function classifyResponse(line: Buffer): ResponseHead {
-  if (line.length === 0) return { kind: 'unknown' };
-  if (line[0] === 0x2b /* + */) return { kind: 'continuation' };
-  const head = line.toString('latin1', 0, Math.min(line.length, 256));
-  const m = /^(\S+) (\S+?)(?: (\S+?))?(?=[ \r\n]|$)/.exec(head);
-  if (!m) return { kind: 'unknown' };
-  const [, tag, w1, w2] = m;
-  const word = w1.toUpperCase();
-  if (tag === '*') {
-    if (STATUS.has(word)) return { kind: 'status', status: word as Status };
-    // `* 12 FETCH …`, `* 3 EXISTS`: the name follows the number
-    if (/^\d+$/.test(w1) && w2) return { kind: 'data', name: w2.toUpperCase() };
-    return { kind: 'data', name: word };
+  if (line.length === 0) return UNKNOWN;
+  if (line[0] === 0x2b /* + */) return CONTINUATION;
+  const limit = Math.min(line.length, HEAD_SCAN);
+  let tagEnd = 0;
+  while (tagEnd < limit && !isSpaceByte(line[tagEnd])) tagEnd++;
+  if (tagEnd === 0 || tagEnd >= limit || line[tagEnd] !== SP) return UNKNOWN;
+  const w1Start = tagEnd + 1;
+  const w1End = wordEnd(line, w1Start, limit);
+  if (w1End < 0) return UNKNOWN;
+  if (tagEnd === 1 && line[0] === 0x2a /* * */) {
+    if (isDigits(line, w1Start, w1End)) {
+      // `* 12 FETCH …`, `* 3 EXISTS`: the name follows the number
+      const w2End = w1End < limit && line[w1End] === SP ? wordEnd(line, w1End + 1, limit) : -1;
+      if (w2End > 0) return { kind: 'data', name: line.toString('latin1', w1End + 1, w2End).toUpperCase() };
+      return { kind: 'data', name: line.toString('latin1', w1Start, w1End) };
+    }
+    const status = statusWord(line, w1Start, w1End);
+    if (status) return { kind: 'status', status };
+    return { kind: 'data', name: line.toString('latin1', w1Start, w1End).toUpperCase() };
   }
-  if (word === 'OK' || word === 'NO' || word === 'BAD') return { kind: 'tagged', tag, status: word };
-  return { kind: 'unknown' };
+  const status = statusWord(line, w1Start, w1End);
+  if (status === 'OK' || status === 'NO' || status === 'BAD') return { kind: 'tagged', tag: line.toString('latin1', 0, tagEnd), status };
+  return UNKNOWN;
+}
+
+const UNKNOWN: ResponseHead = Object.freeze({ kind: 'unknown' });
+const CONTINUATION: ResponseHead = Object.freeze({ kind: 'continuation' });
+
+/**
+ * `* <number> …` (EXISTS, EXPUNGE, FETCH, RECENT): the bulk of what a server sends, and nothing the proxy
+ * looks into. A cheaper test than classifyResponse for the relay's per-line path.
+ */
+export function isNumberedData(line: Buffer): boolean {
+  return line.length > 3 && line[0] === 0x2a && line[1] === SP && line[2] >= 0x30 && line[2] <= 0x39;
 }
 
 export interface CapabilityPolicy {

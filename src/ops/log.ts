@@ -56,3 +56,44 @@ export function silentLogger(): Logger {
 export function shortToken(token: string): string {
   return token.length <= 8 ? '…' : `${token.slice(0, 8)}…`;
 }
+
+type FieldLevel = 'debug' | 'info' | 'warn' | 'error';
+
+/**
+ * Lines that carry fixed fields (a client session's id, address and user), added as each line is written. A pino
+ * child per session would cost an object with shapes of its own and the work of building it for every connection,
+ * whether or not the session ever logs. Level changes on the root apply at once.
+ */
+export class FieldLogger {
+  constructor(
+    private readonly root: Logger,
+    private readonly fields: Readonly<Record<string, unknown>>,
+  ) {}
+
+  /** The same fields and `extra` (later lines of a session that has logged in carry the user). */
+  with(extra: Record<string, unknown>): FieldLogger {
+    return new FieldLogger(this.root, { ...this.fields, ...extra });
+  }
+
+  debug(objOrMsg: Record<string, unknown> | string, msg?: string): void {
+    this.write('debug', objOrMsg, msg);
+  }
+
+  info(objOrMsg: Record<string, unknown> | string, msg?: string): void {
+    this.write('info', objOrMsg, msg);
+  }
+
+  warn(objOrMsg: Record<string, unknown> | string, msg?: string): void {
+    this.write('warn', objOrMsg, msg);
+  }
+
+  error(objOrMsg: Record<string, unknown> | string, msg?: string): void {
+    this.write('error', objOrMsg, msg);
+  }
+
+  private write(level: FieldLevel, objOrMsg: Record<string, unknown> | string, msg?: string): void {
+    if (!this.root.isLevelEnabled(level)) return;
+    if (typeof objOrMsg === 'string') this.root[level](this.fields, objOrMsg);
+    else this.root[level]({ ...this.fields, ...objOrMsg }, msg);
+  }
+}

@@ -125,7 +125,10 @@ export function proxyMetrics(registry?: Registry): ProxyMetrics {
     labelNames: ['command'] as const,
     registers,
   });
-  for (const command of COMMAND_LABELS) commands.inc({ command }, 0);
+  // one child per label, made once: a labelled inc() hashes its label object on every command
+  const perCommand = new Map(COMMAND_LABELS.map((command) => [command, commands.labels({ command })]));
+  for (const child of perCommand.values()) child.inc(0);
+  const countCommand = (label: string) => (perCommand.get(label) ?? commands.labels({ command: label })).inc();
 
   const metrics: ProxyMetrics = {
     opened(listener, tls) {
@@ -134,7 +137,7 @@ export function proxyMetrics(registry?: Registry): ProxyMetrics {
       let open = true;
       current.inc({ listener, tls: String(secure) });
       return {
-        command: (_s, name, line) => commands.inc({ command: commandLabel(name, line) }),
+        command: (_s, name, line) => countCommand(commandLabel(name, line)),
         tlsStarted: () => {
           starttls.inc();
           if (!open || secure) return;

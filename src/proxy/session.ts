@@ -13,10 +13,10 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import type { Logger } from '../ops/log.js';
+import { FieldLogger, type Logger } from '../ops/log.js';
 import { Framer, type LineSegment, type Segment } from '../imap/framer.js';
 import { commandHead, type CommandPart } from '../imap/tokens.js';
-import { classifyResponse, rewriteCapabilityLine, type CapabilityPolicy } from '../imap/response.js';
+import { classifyResponse, isNumberedData, rewriteCapabilityLine, type CapabilityPolicy } from '../imap/response.js';
 import { stripForwardingKeys } from '../imap/id.js';
 import { loginUsername } from '../imap/login.js';
 import { saslUsername } from '../imap/sasl.js';
@@ -117,8 +117,20 @@ function isLoopback(ip: string): boolean {
   return ip === '::1' || ip.startsWith('127.') || ip.startsWith('::ffff:127.');
 }
 
+const ID_BYTES = 9;
+const IDS_PER_DRAW = 512;
+let idPool = Buffer.alloc(0);
+let idNext = 0;
+
+/** 72 random bits, base64url: drawn in batches, since one randomBytes call per connection costs more than the rest of the id. */
 function newSessionId(): string {
-  return randomBytes(9).toString('base64url');
+  if (idNext >= idPool.length) {
+    idPool = randomBytes(ID_BYTES * IDS_PER_DRAW);
+    idNext = 0;
+  }
+  const id = idPool.toString('base64url', idNext, idNext + ID_BYTES);
+  idNext += ID_BYTES;
+  return id;
 }
 
 export class Session {
@@ -130,7 +142,7 @@ export class Session {
   user: string | null = null;
   authenticated = false;
   clientTls: boolean;
-  private log: Logger;
+  private log: FieldLogger;
 
   private client: net.Socket;
   private upstream: net.Socket | null = null;
@@ -152,6 +164,12 @@ export class Session {
   private awaitingClientFlush = false;
   private loginTimer: NodeJS.Timeout | null = null;
   private backlogPeak = 0;
+  /**
+   * Server bytes relayed unchanged and not yet written: consecutive segments that lie next to each other in one
+   * read are written as one buffer (a FETCH of 400 flags is one write, not 400).
+   */
+  private runStart: Buffer | null = null;
+  private runLength = 0;
 
   constructor(
     client: net.Socket,
@@ -166,7 +184,7 @@ export class Session {
     this.localIp = client.localAddress ?? '';
     this.localPort = client.localPort ?? 0;
     this.clientTls = client instanceof tls.TLSSocket;
-    this.log = log.child({ sid: this.id, client: `${this.clientIp}:${this.clientPort}` });
+    this.log = new FieldLogger(log, { sid: this.id, client: `${this.clientIp}:${this.clientPort}` });
     this.cf.setMaxLine(settings.preauthMaxLine);
   }
 
@@ -364,8 +382,31 @@ export class Session {
   }
 
   private writeClient(data: Buffer): void {
+    this.flushRelayed();
     if (this.closed) return;
     this.client.write(data);
+    if (this.client.writableLength > WRITE_HIGH_WATER) this.clientNeedsDrain = true;
+  }
+
+  /** Server bytes passed on unchanged: joined with the previous ones when they follow them in the same buffer. */
+  private relay(data: Buffer): void {
+    if (this.closed || data.length === 0) return;
+    const run = this.runStart;
+    if (run !== null && data.buffer === run.buffer && data.byteOffset === run.byteOffset + this.runLength) {
+      this.runLength += data.length;
+      return;
+    }
+    this.flushRelayed();
+    this.runStart = data;
+    this.runLength = data.length;
+  }
+
+  private flushRelayed(): void {
+    const run = this.runStart;
+    if (run === null) return;
+    this.runStart = null;
+    if (this.closed) return;
+    this.client.write(this.runLength === run.length ? run : Buffer.from(run.buffer, run.byteOffset, this.runLength));
     if (this.client.writableLength > WRITE_HIGH_WATER) this.clientNeedsDrain = true;
   }
 
@@ -723,6 +764,7 @@ export class Session {
         if (this.closed) return;
       }
     } finally {
+      this.flushRelayed();
       client.uncork();
     }
     this.flow();
@@ -731,7 +773,7 @@ export class Session {
   private onServerSegment(seg: Segment): void {
     let data = seg.data;
     let grant = false;
-    if (seg.type === 'line' && seg.startsMessage && seg.complete) {
+    if (seg.type === 'line' && seg.startsMessage && seg.complete && !isNumberedData(data)) {
       const head = classifyResponse(seg.data);
       switch (head.kind) {
         case 'continuation':
@@ -758,7 +800,8 @@ export class Session {
           break;
       }
     }
-    this.writeClient(data);
+    if (data === seg.data) this.relay(data);
+    else this.writeClient(data);
     if (grant) {
       this.cf.grantContinuation();
       this.resumeClientSoon();
@@ -791,7 +834,7 @@ export class Session {
     this.user = username;
     this.cf.setMaxLine(64 * 1024);
     // every later line of the session names its user
-    if (username !== null) this.log = this.log.child({ user: username });
+    if (username !== null) this.log = this.log.with({ user: username });
     this.log.info('login');
     this.events.authenticated?.(this, username);
   }
@@ -842,6 +885,7 @@ export class Session {
 
   private shutdown(reason: string): void {
     if (this.closed) return;
+    this.flushRelayed();
     this.closed = true;
     this.clearLoginTimer();
     this.log.debug({ reason }, 'session closed');
