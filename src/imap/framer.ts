@@ -38,6 +38,8 @@ export interface LineSegment {
   complete: boolean;
   /** Set on a complete line that announces a literal. */
   literal: LiteralInfo | null;
+  /** Complete responses in `data`: more than 1 only for a batch of numbered responses (FramerOptions.batchNumbered). */
+  lines: number;
 }
 
 export interface LiteralSegment {
@@ -53,6 +55,12 @@ export interface FramerOptions {
   side: Side;
   /** Lines longer than this are emitted in partial segments instead of being buffered. */
   maxLine?: number;
+  /**
+   * Server side: consecutive `* <number> …` responses without a literal that lie in one input chunk come as one
+   * line segment (`lines` > 1). A relay that looks at none of them (EXISTS, EXPUNGE, a FETCH of flags for a
+   * whole mailbox) then handles one segment instead of hundreds.
+   */
+  batchNumbered?: boolean;
 }
 
 const LF = 0x0a;
@@ -64,6 +72,7 @@ const MAX_LITERAL_DIGITS = 15; // keeps sizes within Number.MAX_SAFE_INTEGER
 export class Framer {
   readonly side: Side;
   private maxLine: number;
+  private readonly batchNumbered: boolean;
   private chunks: Buffer[] = [];
   private offset = 0; // read position in chunks[0]
   private bufferedBytes = 0;
@@ -82,6 +91,7 @@ export class Framer {
   constructor(opts: FramerOptions) {
     this.side = opts.side;
     this.maxLine = opts.maxLine ?? 64 * 1024;
+    this.batchNumbered = opts.side === 'server' && opts.batchNumbered === true;
   }
 
   setMaxLine(n: number): void {
@@ -185,6 +195,10 @@ export class Framer {
       const chunk = this.chunks[0];
       const lf = chunk.indexOf(LF, this.offset);
       if (lf >= 0) {
+        if (this.batchNumbered && this.lineParts.length === 0 && !this.inMessage) {
+          const batch = this.numberedBatch(chunk, lf);
+          if (batch) return batch;
+        }
         const piece = this.consume(lf + 1 - this.offset);
         return this.finishLine(piece);
       }
@@ -196,6 +210,26 @@ export class Framer {
     return null;
   }
 
+  /**
+   * From the read position, the numbered responses without a literal that end in `chunk`, when there are at least
+   * two; null otherwise (the caller frames one line as usual).
+   */
+  private numberedBatch(chunk: Buffer, firstLf: number): LineSegment | null {
+    const start = this.offset;
+    if (!isPlainNumbered(chunk, start, firstLf)) return null;
+    let end = firstLf + 1;
+    let lines = 1;
+    for (;;) {
+      const lf = chunk.indexOf(LF, end);
+      if (lf < 0 || lf + 1 - end > this.maxLine || !isPlainNumbered(chunk, end, lf)) break;
+      end = lf + 1;
+      lines++;
+    }
+    if (lines < 2 || firstLf + 1 - start > this.maxLine) return null;
+    const data = this.consume(end - start);
+    return { type: 'line', data, startsMessage: true, startsLine: true, complete: true, literal: null, lines };
+  }
+
   private streamPartial(): LineSegment {
     const data = this.lineParts.length === 1 ? this.lineParts[0] : Buffer.concat(this.lineParts);
     const startsLine = !this.lineStreamed;
@@ -205,7 +239,7 @@ export class Framer {
     this.lineParts = [];
     this.lineLength = 0;
     this.lineStreamed = true;
-    return { type: 'line', data, startsMessage, startsLine, complete: false, literal: null };
+    return { type: 'line', data, startsMessage, startsLine, complete: false, literal: null, lines: 0 };
   }
 
   private finishLine(lastPiece: Buffer): LineSegment {
@@ -231,7 +265,7 @@ export class Framer {
     } else {
       this.literalRemaining = literal.size;
     }
-    return { type: 'line', data, startsMessage, startsLine, complete: true, literal };
+    return { type: 'line', data, startsMessage, startsLine, complete: true, literal, lines: 1 };
   }
 
   private beginMessage(firstBytes: Buffer): void {
@@ -254,6 +288,16 @@ export class Framer {
 
 function tailOf(buf: Buffer): Buffer {
   return buf.length <= TAIL_KEEP ? buf : buf.subarray(buf.length - TAIL_KEEP);
+}
+
+/** `* <digit>…` from `start` to the LF at `lf`, announcing no literal: a response complete in itself. */
+function isPlainNumbered(chunk: Buffer, start: number, lf: number): boolean {
+  if (lf - start < 4 || chunk[start] !== 0x2a || chunk[start + 1] !== 0x20) return false;
+  const d = chunk[start + 2];
+  if (d < 0x30 || d > 0x39) return false;
+  // a literal announcement ends in `}` before the line end
+  const last = chunk[lf - 1] === CR ? lf - 2 : lf - 1;
+  return chunk[last] !== 0x7d;
 }
 
 /**

@@ -147,7 +147,7 @@ export class Session {
   private client: net.Socket;
   private upstream: net.Socket | null = null;
   private cf = new Framer({ side: 'client' });
-  private sf = new Framer({ side: 'server' });
+  private sf = new Framer({ side: 'server', batchNumbered: true });
   private message: ClientMessage | null = null;
   private outstanding: Pending[] = [];
   private exchange: Pending | null = null;
@@ -738,7 +738,7 @@ export class Session {
         up.socket.destroy();
         return;
       }
-      this.sf = new Framer({ side: 'server' });
+      this.sf = new Framer({ side: 'server', batchNumbered: true });
       this.attachUpstream(up.socket, up.pump);
       if (up.leftover.length > 0) this.onUpstreamData(up.leftover);
       this.blocked = false;

@@ -6,11 +6,12 @@
  * - for arbitrary bytes, any split gives the same frames as the whole, nothing throws, no byte
  *   is lost, and what the framer holds between reads stays within maxLine;
  * - a literal's payload is never scanned: replacing its bytes changes nothing else;
- * - the bytes survive the caller recycling its read buffer (ownBytes).
+ * - the bytes survive the caller recycling its read buffer (ownBytes);
+ * - batching numbered responses (batchNumbered) changes how lines are grouped into segments, nothing else.
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { Framer, type LiteralInfo, type Segment, type Side } from '../../src/imap/framer.js';
+import { Framer, parseLiteralAtEnd, type LiteralInfo, type Segment, type Side } from '../../src/imap/framer.js';
 import { fuzzAssert, fuzzRuns } from '../helpers/fuzz.js';
 
 // ------------------------------------------------------------------------------------------
@@ -25,9 +26,12 @@ interface Fed {
   atBoundary: boolean;
 }
 
-/** Feeds `pieces` one read at a time, draining after each; `decide(i)` grants (true) or refuses the i-th sync literal. */
-function feed(side: Side, pieces: readonly Buffer[], maxLine: number, decide: (i: number) => boolean): Fed {
-  const f = new Framer({ side, maxLine });
+/**
+ * Feeds `pieces` one read at a time, draining after each; `decide(i)` grants (true) or refuses the i-th sync literal.
+ * `batch`: the server side groups numbered responses (FramerOptions.batchNumbered).
+ */
+function feed(side: Side, pieces: readonly Buffer[], maxLine: number, decide: (i: number) => boolean, batch = false): Fed {
+  const f = new Framer({ side, maxLine, batchNumbered: batch });
   const segs: Segment[] = [];
   let asked = 0;
   let maxHeld = 0;
@@ -86,11 +90,32 @@ function ok(cond: boolean, what: string): asserts cond {
 }
 
 /**
+ * A batch of numbered responses as the single-line segments it stands for, after checking it is one: complete,
+ * `lines` lines each `* <digit>…` ending at its LF, none announcing a literal, all outside any message.
+ */
+function unbatch(s: Segment): Segment[] {
+  if (s.type !== 'line' || s.lines <= 1) return [s];
+  ok(s.complete && s.startsMessage && s.startsLine && s.literal === null, 'batch flags wrong');
+  const out: Segment[] = [];
+  let start = 0;
+  for (let lf = s.data.indexOf(0x0a); lf >= 0; lf = s.data.indexOf(0x0a, start)) {
+    const line = s.data.subarray(start, lf + 1);
+    ok(/^\* \d/.test(line.toString('latin1', 0, 3)), 'batched line not numbered');
+    ok(parseLiteralAtEnd(line) === null, 'batched line announces a literal');
+    out.push({ ...s, data: line, lines: 1 });
+    start = lf + 1;
+  }
+  ok(start === s.data.length && out.length === s.lines, 'batch line count wrong');
+  return out;
+}
+
+/**
  * Joins partial line segments and literal pieces, checking the flags of every segment on the
  * way: only a line's first segment starts it (and maybe a message), partial segments carry no
  * literal, a literal's `remaining` counts down to 0.
  */
-function tokens(segs: readonly Segment[]): Token[] {
+function tokens(batched: readonly Segment[]): Token[] {
+  const segs = batched.flatMap(unbatch);
   const out: Token[] = [];
   let line: Buffer[] | null = null;
   let startsMessage = false;
@@ -213,7 +238,7 @@ const clientMessage = fc
   .map(([withLiterals, last]): MessageModel => [...withLiterals, { ...last, literal: null }]);
 
 const STATUS_HEADS = ['* OK', '* no', '* BAD', '* BYE', '* PREAUTH', 'A1 OK', 'a2 NO', 'tag.3 BAD', '+', '+ '];
-const DATA_HEADS = ['* 1 FETCH (BODY[] ', '* LIST () "/" ', '* 3 EXISTS', '* CAPABILITY IMAP4rev1 ', '* SEARCH ', 'X1 FOO ', '* ok-not-status '];
+const DATA_HEADS = ['* 1 FETCH (BODY[] ', '* LIST () "/" ', '* 3 EXISTS', '* 12 FETCH (FLAGS (\\Seen)) ', '* 4 EXPUNGE', '* CAPABILITY IMAP4rev1 ', '* SEARCH ', 'X1 FOO ', '* ok-not-status '];
 
 /** A server response: a status/continuation line (its text may end in `{n}`: still text), or data with literals. */
 const serverMessage = fc.oneof(
@@ -269,12 +294,12 @@ const sideArb = fc.constantFrom<Side>('client', 'server');
 // ------------------------------------------------------------------------------------------
 
 describe('framer properties', () => {
-  it('frames a generated stream into exactly its model, however it is chunked', () => {
+  it('frames a generated stream into exactly its model, however it is chunked, with numbered responses batched or not', () => {
     const prop = fc.property(
-      sideArb.chain((side) => fc.tuple(fc.constant(side), stream(side), maxLineFor(side), chunking)),
-      ([side, messages, maxLine, how]) => {
+      sideArb.chain((side) => fc.tuple(fc.constant(side), stream(side), maxLineFor(side), chunking, fc.boolean())),
+      ([side, messages, maxLine, how, batch]) => {
         const { input, expected, decisions } = render(side, messages);
-        const fed = feed(side, cut(input, how), maxLine, (i) => decisions[i] ?? true);
+        const fed = feed(side, cut(input, how), maxLine, (i) => decisions[i] ?? true, batch);
         expect(Buffer.concat(fed.segs.map((s) => s.data)).equals(input)).toBe(true); // byte for byte
         expect(tokens(fed.segs)).toEqual(expected);
         expect(fed.rest.length).toBe(0);
@@ -305,7 +330,7 @@ describe('framer properties', () => {
     .array(
       fc.oneof(
         fc.uint8Array({ maxLength: 64 }).map((a) => Buffer.from(a)),
-        fc.constantFrom('\r\n', '\n', '\r', '{', '}', '~{', '+}', '{5}\r\n', '{0+}\r\n', '~{2}\n', '{99999}\r\n', '{1234567890123456}\r\n', '* OK ', 'A1 NO ', '+ ', '* 1 FETCH ', 'x'.repeat(100)).map(b),
+        fc.constantFrom('\r\n', '\n', '\r', '{', '}', '~{', '+}', '{5}\r\n', '{0+}\r\n', '~{2}\n', '{99999}\r\n', '{1234567890123456}\r\n', '* OK ', 'A1 NO ', '+ ', '* 1 FETCH ', '* 9 X\r\n', '* 10 FETCH (FLAGS ())\r\n', 'x'.repeat(100)).map(b),
         fc.nat({ max: 20 }).map((n) => b(`{${n}}\r\n`)),
       ),
       { maxLength: 40 },
@@ -314,11 +339,12 @@ describe('framer properties', () => {
 
   it('gives the same frames for any split of arbitrary bytes, never throws, loses nothing and holds at most maxLine', () => {
     const prop = fc.property(
-      sideArb.chain((side) => fc.tuple(fc.constant(side), garbage, maxLineFor(side), chunking, fc.array(fc.boolean(), { minLength: 1, maxLength: 8 }))),
-      ([side, input, maxLine, how, grants]) => {
+      sideArb.chain((side) => fc.tuple(fc.constant(side), garbage, maxLineFor(side), chunking, fc.array(fc.boolean(), { minLength: 1, maxLength: 8 }), fc.boolean())),
+      ([side, input, maxLine, how, grants, batch]) => {
         const decide = (i: number) => grants[i % grants.length]!;
         const whole = feed(side, input.length ? [input] : [], maxLine, decide);
-        const split = feed(side, cut(input, how), maxLine, decide);
+        // the same bytes batched (server side) and split differently frame into the same lines
+        const split = feed(side, cut(input, how), maxLine, decide, batch);
         expect(Buffer.concat([...split.segs.map((s) => s.data), split.rest]).equals(input)).toBe(true);
         expect(Buffer.concat([...whole.segs.map((s) => s.data), whole.rest]).equals(input)).toBe(true);
         expect(view(split)).toEqual(view(whole));

@@ -135,3 +135,38 @@ describe('framer', () => {
 
   // Properties (any chunking, literals never scanned, bounded memory, ownBytes): test/fuzz/framer.test.ts
 });
+
+describe('batched numbered responses (batchNumbered)', () => {
+  const input = Buffer.from(
+    '* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (FLAGS ())\r\n* 3 EXISTS\r\n* OK [UIDNEXT 9] x\r\n' +
+      '* 4 FETCH (BODY[] {3}\r\nabc)\r\n* 5 EXPUNGE\r\n* 6 EXPUNGE\n' +
+      'A1 OK done\r\n',
+  );
+
+  it('groups consecutive numbered responses of one read into one segment and frames the rest as usual', () => {
+    const f = new Framer({ side: 'server', batchNumbered: true });
+    f.push(input);
+    const segs = drain(f).map((s) => [s.type, s.type === 'line' ? s.lines : 0, s.data.toString('latin1')]);
+    expect(segs).toEqual([
+      ['line', 3, '* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (FLAGS ())\r\n* 3 EXISTS\r\n'],
+      ['line', 1, '* OK [UIDNEXT 9] x\r\n'],
+      ['line', 1, '* 4 FETCH (BODY[] {3}\r\n'],
+      ['literal', 0, 'abc'],
+      ['line', 1, ')\r\n'],
+      ['line', 2, '* 5 EXPUNGE\r\n* 6 EXPUNGE\n'],
+      ['line', 1, 'A1 OK done\r\n'],
+    ]);
+    expect(f.atBoundary).toBe(true);
+  });
+
+  it('never batches across reads, on the client side, or when not asked', () => {
+    const split = new Framer({ side: 'server', batchNumbered: true });
+    split.push(input.subarray(0, 30));
+    split.push(input.subarray(30));
+    expect(drain(split)[0]!.data.toString('latin1')).toBe('* 1 FETCH (FLAGS (\\Seen))\r\n');
+    for (const f of [new Framer({ side: 'client', batchNumbered: true }), new Framer({ side: 'server' })]) {
+      f.push(Buffer.from('* 1 X\r\n* 2 Y\r\n'));
+      expect(drain(f).map((s) => s.data.toString('latin1'))).toEqual(['* 1 X\r\n', '* 2 Y\r\n']);
+    }
+  });
+});
