@@ -49,16 +49,33 @@ export const COMMAND_LABELS: readonly string[] = [...IMAP_COMMANDS, ...UID_COMMA
 
 const COMMAND_SET = new Set<string>(IMAP_COMMANDS);
 const UID_SET = new Set<string>(UID_COMMANDS);
-/** `<tag> UID <command>`: the tag is anything but a space; looked for in the first bytes only. */
-const UID_SUBCOMMAND = /^[^ ]+ UID ([A-Za-z]{1,16})(?:[ \r\n]|$)/i;
+/** How far into a `UID` command line its subcommand is looked for. */
+const UID_SCAN = 64;
+
+function isAsciiLetter(c: number): boolean {
+  return (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a);
+}
+
+/** `<tag> UID <command>` (UID in any case): the command, 1 to 16 letters ending at SP, CR, LF or the scan limit. */
+function uidSubcommand(line: Buffer): string | null {
+  const limit = Math.min(line.length, UID_SCAN);
+  const sp = line.indexOf(0x20);
+  if (sp <= 0 || sp + 4 >= limit || line[sp + 4] !== 0x20) return null;
+  if (line.toString('latin1', sp + 1, sp + 4).toUpperCase() !== 'UID') return null;
+  const start = sp + 5;
+  let end = start;
+  while (end < limit && isAsciiLetter(line[end])) end++;
+  if (end === start || end - start > 16) return null;
+  if (end < limit && line[end] !== 0x20 && line[end] !== 0x0d && line[end] !== 0x0a) return null;
+  return line.toString('latin1', start, end).toUpperCase();
+}
 
 /** The bounded label for a command that commandHead named `name` (null: not a command). */
 export function commandLabel(name: string | null, line: Buffer): string {
   if (name === null) return 'other';
   if (name !== 'UID') return COMMAND_SET.has(name) ? name : 'other';
-  const m = UID_SUBCOMMAND.exec(line.toString('latin1', 0, Math.min(line.length, 64)));
-  const sub = m?.[1]?.toUpperCase();
-  return sub !== undefined && UID_SET.has(sub) ? `UID ${sub}` : 'other';
+  const sub = uidSubcommand(line);
+  return sub !== null && UID_SET.has(sub) ? `UID ${sub}` : 'other';
 }
 
 export function upstreamFailureLabel(err: unknown): UpstreamFailureReason {
@@ -119,16 +136,25 @@ export function proxyMetrics(registry?: Registry): ProxyMetrics {
     registers,
   });
   for (const reason of UPSTREAM_FAILURE_REASONS) upstreamFailures.inc({ reason }, 0);
+  // counted in plain numbers and handed to prom-client at scrape time: a labelled inc() per command hashes its labels
+  const commandCounts = new Map<string, number>(COMMAND_LABELS.map((command) => [command, 0]));
+  const commandsReported = new Map<string, number>();
   const commands = new Counter({
     name: 'xaps_imap_commands_total',
     help: 'Client IMAP commands, by command (a fixed list of IMAP commands, UID variants as "UID FETCH" etc.; anything else "other").',
     labelNames: ['command'] as const,
     registers,
+    collect() {
+      for (const [command, n] of commandCounts) {
+        const delta = n - (commandsReported.get(command) ?? 0);
+        if (delta <= 0) continue;
+        this.inc({ command }, delta);
+        commandsReported.set(command, n);
+      }
+    },
   });
-  // one child per label, made once: a labelled inc() hashes its label object on every command
-  const perCommand = new Map(COMMAND_LABELS.map((command) => [command, commands.labels({ command })]));
-  for (const child of perCommand.values()) child.inc(0);
-  const countCommand = (label: string) => (perCommand.get(label) ?? commands.labels({ command: label })).inc();
+  for (const command of COMMAND_LABELS) commands.inc({ command }, 0);
+  const countCommand = (label: string) => commandCounts.set(label, (commandCounts.get(label) ?? 0) + 1);
 
   const metrics: ProxyMetrics = {
     opened(listener, tls) {

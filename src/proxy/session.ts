@@ -98,6 +98,10 @@ interface Injection {
   after?: () => void;
 }
 
+function newMessage(tag: string | null, name: string | null, mode: MessageMode, local: LocalKind | null = null): ClientMessage {
+  return { tag, name, mode, local, parts: [], size: 0 };
+}
+
 const MAX_CAPTURE = 64 * 1024;
 /**
  * Output queued on one side before reading from the other stops. Larger than
@@ -489,19 +493,16 @@ export class Session {
   }
 
   private beginMessage(seg: LineSegment): ClientMessage {
-    const base = { parts: [], size: 0, local: null };
     const ex = this.exchange;
-    if (ex && this.isExchangeLine(ex, seg)) return { ...base, tag: ex.tag, name: null, mode: 'exchange' };
+    if (ex && this.isExchangeLine(ex, seg)) return newMessage(ex.tag, null, 'exchange');
     const head = commandHead(seg.data);
     this.events.command?.(this, head?.name ?? null, seg.data);
-    if (!head) return { ...base, tag: null, name: null, mode: 'forward' };
+    if (!head) return newMessage(null, null, 'forward');
     const { tag, name } = head;
     const local = this.localKind(name);
-    if (local) return { ...base, tag, name, mode: 'collect', local };
-    if (name === 'LOGIN' || name === 'AUTHENTICATE' || name === 'ID' || name === 'ENABLE') {
-      return { ...base, tag, name, mode: 'capture' };
-    }
-    return { ...base, tag, name, mode: 'forward' };
+    if (local) return newMessage(tag, name, 'collect', local);
+    if (name === 'LOGIN' || name === 'AUTHENTICATE' || name === 'ID' || name === 'ENABLE') return newMessage(tag, name, 'capture');
+    return newMessage(tag, name, 'forward');
   }
 
   /**

@@ -4,9 +4,11 @@
  * (against loopback servers that misbehave in each way).
  */
 import { afterEach, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
 import net from 'node:net';
 import { Registry } from 'prom-client';
-import { COMMAND_LABELS, commandLabel, proxyMetrics } from '../../../src/proxy/metrics.js';
+import { COMMAND_LABELS, UID_COMMANDS, commandLabel, proxyMetrics } from '../../../src/proxy/metrics.js';
+import { fuzzRuns } from '../../helpers/fuzz.js';
 import { openUpstream, type UpstreamSettings } from '../../../src/proxy/upstream.js';
 import { freePort } from '../../../src/testbed/ports.js';
 import type { Session } from '../../../src/proxy/session.js';
@@ -132,5 +134,24 @@ describe('upstream failure reasons', () => {
       });
     });
     expect(await reason(settings(port, { tls: 'starttls' }))).toBe('tls');
+  });
+});
+
+describe('commandLabel for UID commands, by bytes', () => {
+  /** The same rule as a regular expression over the first 64 characters. */
+  function byRegex(l: Buffer): string {
+    const m = /^[^ ]+ UID ([A-Za-z]{1,16})(?:[ \r\n]|$)/i.exec(l.toString('latin1', 0, Math.min(l.length, 64)));
+    const sub = m?.[1]?.toUpperCase();
+    return sub !== undefined && (UID_COMMANDS as readonly string[]).includes(sub) ? `UID ${sub}` : 'other';
+  }
+  const pieces = ['a1', ' ', '  ', 'UID', 'uid', 'Uid', 'FETCH', 'fetch', 'STORE', 'EXPUNGE', 'x', '\r', '\n', '\t', '1:*', 'é', 'A'.repeat(15), 'B'.repeat(50)];
+  it('agrees with the regular-expression reading on generated lines', () => {
+    fc.assert(
+      fc.property(fc.array(fc.constantFrom(...pieces), { maxLength: 10 }), (parts) => {
+        const l = Buffer.from(parts.join(''), 'latin1');
+        expect(commandLabel('UID', l)).toBe(byRegex(l));
+      }),
+      { numRuns: fuzzRuns(3000) },
+    );
   });
 });
