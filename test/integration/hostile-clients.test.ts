@@ -10,7 +10,7 @@
  *   and none of it reaches the server.
  * - Backpressure: a client that does not read stops the proxy reading the server, and a server that
  *   does not read stops the proxy reading the client; the session holds little meanwhile, and every
- *   byte arrives once the reader reads.
+ *   byte arrives once the reader reads. Each over plaintext legs, a TLS client leg and a TLS upstream leg.
  * - Connection limits: --max-connections-per-ip and --max-connections answer BYE and count it.
  *
  * Sizes and counts are asserted, never durations: deadlines here are only generous upper bounds.
@@ -22,10 +22,11 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import tls from 'node:tls';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { PREAUTH_MAX_LINE } from '../../src/app.js';
 import { MAX_REFUSAL_HANDSHAKES } from '../../src/proxy/server.js';
 import type { Session } from '../../src/proxy/session.js';
+import { selfSignedCertificate } from '../../src/cert/selfsigned.js';
 import { createTestCa, issueServerCert } from '../../src/testbed/apns-certs.js';
 import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
 import { startFakeUpstream, type FakeUpstream } from '../helpers/fake-upstream.js';
@@ -355,15 +356,23 @@ class UpstreamLeg {
   }
 }
 
+/** A certificate and key as PEM, for a TLS server in a test. */
+interface TlsMaterial {
+  certPem: string;
+  keyPem: string;
+}
+
+type ScriptedUpstream = { port: number; next(): Promise<UpstreamLeg>; close(): Promise<void> };
+
 /**
  * An upstream that greets, answers the proxy's ID and then does only what the test tells it, without keeping what it
- * receives (so that hundreds of MiB can go through).
+ * receives (so that hundreds of MiB can go through). With `tls`, it speaks implicit TLS (the proxy's --upstream-tls tls).
  */
-async function startScriptedUpstream(): Promise<{ port: number; next(): Promise<UpstreamLeg>; close(): Promise<void> }> {
+async function startScriptedUpstream(opts: { tls?: TlsMaterial } = {}): Promise<ScriptedUpstream> {
   const ready: UpstreamLeg[] = [];
   const waiting: Array<(leg: UpstreamLeg) => void> = [];
   const sockets = new Set<net.Socket>();
-  const server = net.createServer((socket) => {
+  const onConnection = (socket: net.Socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => undefined);
@@ -383,7 +392,8 @@ async function startScriptedUpstream(): Promise<{ port: number; next(): Promise<
       if (w) w(leg);
       else ready.push(leg);
     });
-  });
+  };
+  const server = opts.tls ? tls.createServer({ cert: opts.tls.certPem, key: opts.tls.keyPem }, onConnection) : net.createServer(onConnection);
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return {
     port: (server.address() as net.AddressInfo).port,
@@ -406,6 +416,7 @@ class Streamer {
 
   constructor(socket: net.Socket, header: Buffer, size: number, trailer: Buffer) {
     this.done = this.run(socket, header, size, trailer);
+    this.done.catch(() => undefined); // awaited by a test that gets that far; after a failed one, cleanup closes the socket
   }
 
   private async run(socket: net.Socket, header: Buffer, size: number, trailer: Buffer): Promise<void> {
@@ -416,8 +427,16 @@ class Streamer {
       if (socket.write(chunk)) return;
       this.waitingForDrain = true;
       await new Promise<void>((resolve, reject) => {
-        socket.once('drain', resolve);
-        socket.once('close', () => reject(new Error('closed while writing')));
+        const onDrain = () => {
+          socket.off('close', onClose);
+          resolve();
+        };
+        const onClose = () => {
+          socket.off('drain', onDrain);
+          reject(new Error('closed while writing'));
+        };
+        socket.once('drain', onDrain);
+        socket.once('close', onClose);
       });
       this.waitingForDrain = false;
     };
@@ -475,11 +494,17 @@ class ByteClient {
   }
   tail = Buffer.alloc(0);
 
-  static connect(port: number): Promise<ByteClient> {
+  /** A plaintext connection, or with `tls` an implicit-TLS one trusting `tls.ca` (the proxy's --listen-tls). */
+  static connect(port: number, opts: { tls?: { ca: string } } = {}): Promise<ByteClient> {
     return new Promise((resolve, reject) => {
-      const s = net.connect({ host: '127.0.0.1', port });
+      const s = opts.tls
+        ? tls.connect({ host: '127.0.0.1', port, ca: opts.tls.ca, servername: 'localhost' })
+        : net.connect({ host: '127.0.0.1', port });
       s.once('error', reject);
-      s.once('connect', () => resolve(new ByteClient(s)));
+      s.once(opts.tls ? 'secureConnect' : 'connect', () => {
+        s.off('error', reject);
+        resolve(new ByteClient(s));
+      });
     });
   }
 
@@ -498,9 +523,9 @@ class ByteClient {
   }
 }
 
-/** Greeting, then LOGIN answered OK by the scripted upstream. */
-async function loggedIn(proxy: TestProxy, upstream: Awaited<ReturnType<typeof startScriptedUpstream>>): Promise<{ client: ByteClient; leg: UpstreamLeg }> {
-  const client = await ByteClient.connect(proxy.plainPort);
+/** Greeting, then LOGIN answered OK by the scripted upstream; `ca` set: over the proxy's --listen-tls port. */
+async function loggedIn(proxy: TestProxy, upstream: ScriptedUpstream, ca?: string): Promise<{ client: ByteClient; leg: UpstreamLeg }> {
+  const client = ca === undefined ? await ByteClient.connect(proxy.plainPort) : await ByteClient.connect(proxy.tlsPort, { tls: { ca } });
   await client.untilText(/^\* OK .*\r\n/);
   const leg = await upstream.next();
   client.socket.write('a LOGIN user pw\r\n');
@@ -511,7 +536,7 @@ async function loggedIn(proxy: TestProxy, upstream: Awaited<ReturnType<typeof st
 }
 
 describe('with a scripted upstream', () => {
-  let upstream: Awaited<ReturnType<typeof startScriptedUpstream>>;
+  let upstream: ScriptedUpstream;
   let proxy: TestProxy;
   beforeAll(async () => {
     upstream = await startScriptedUpstream();
@@ -555,81 +580,140 @@ describe('with a scripted upstream', () => {
     });
   });
 
+  /**
+   * Each case over each kind of leg: plaintext upstream legs are read through the ReadPump (onread into pooled
+   * buffers, paused by readStop), while a TLS upstream leg (--upstream-tls tls) and a TLS client leg (--listen-tls)
+   * are tls.TLSSockets, read through 'data' events and paused as streams.
+   */
   describe('backpressure', () => {
     const TOTAL = 200 * MiB;
-    /** What a session may hold while one side does not read: a few of the relay's 256 KiB steps. */
+    /**
+     * What a session may hold while one side does not read: a few of the relay's 256 KiB steps. On a TLS leg,
+     * bufferedBytes() counts the cleartext (socket write queue, read buffer); OpenSSL holds besides only the
+     * ciphertext of the write in flight, a copy of cleartext still counted in writableLength, and at most one
+     * partial record (16 KiB) of what it reads: decrypted bytes go to the socket's read buffer at once.
+     */
     const SESSION_BOUND = 2 * MiB;
+    const VARIANTS = [
+      { name: 'plain client, plain upstream', clientTls: false, upstreamTls: false },
+      { name: 'TLS client (--listen-tls), plain upstream', clientTls: true, upstreamTls: false },
+      { name: 'plain client, TLS upstream (--upstream-tls tls)', clientTls: false, upstreamTls: true },
+    ];
+    let dir: string;
+    let cert: TlsMaterial & { certPath: string; keyPath: string };
+    beforeAll(() => {
+      dir = mkdtempSync(path.join(tmpdir(), 'xaps-hostile-backpressure-'));
+      const material = selfSignedCertificate({ hosts: ['localhost', '127.0.0.1'] });
+      cert = { ...material, certPath: path.join(dir, 'cert.pem'), keyPath: path.join(dir, 'key.pem') };
+      writeFileSync(cert.certPath, cert.certPem);
+      writeFileSync(cert.keyPath, cert.keyPem, { mode: 0o600 });
+    });
+    afterAll(() => {
+      rmSync(dir, { recursive: true, force: true });
+    });
 
-    it('a client that does not read: the proxy stops reading the upstream, holds little, and relays every byte later', async () => {
-      const { client, leg } = await loggedIn(proxy, upstream);
-      const session = await onlySession(proxy);
-      client.socket.pause();
-      client.startHash();
-      client.socket.write('f FETCH 1 BODY[]\r\n');
-      await waitFor(() => leg.text().includes('f FETCH 1 BODY[]\r\n'), 'FETCH upstream');
+    for (const { name, clientTls, upstreamTls } of VARIANTS) describe(name, () => {
+      let upstream: ScriptedUpstream;
+      let proxy: TestProxy;
+      beforeAll(async () => {
+        upstream = await startScriptedUpstream(upstreamTls ? { tls: cert } : {});
+        proxy = await startTestProxy({
+          upstreamPort: upstream.port,
+          ...(clientTls ? { tlsCert: cert.certPath, tlsKey: cert.keyPath } : {}),
+          flags: upstreamTls ? ['--upstream-tls', 'tls', '--upstream-ca', cert.certPath] : [],
+        });
+      });
+      afterAll(async () => {
+        await proxy?.stop();
+        await upstream?.close();
+      });
+      // a failed test leaves its client and session open (a paused socket does not see its peer go): end both, so
+      // that the next test starts with no session
+      const clients: ByteClient[] = [];
+      afterEach(async () => {
+        for (const c of clients.splice(0)) c.socket.destroy();
+        for (const s of [...proxy.app.proxy.sessions]) s.close('test cleanup');
+        await waitFor(() => proxy.app.proxy.sessions.size === 0, 'no session left');
+      });
 
-      const header = Buffer.from(`* 1 FETCH (BODY[] {${TOTAL}}\r\n`);
-      const trailer = Buffer.from(')\r\nf OK Fetch completed.\r\n');
-      const streamer = new Streamer(leg.socket, header, TOTAL, trailer);
-      const peak = await untilStalled(streamer, () => session.bufferedBytes());
-      expect(streamer.finished, 'the upstream could write everything: the proxy kept reading').toBe(false);
-      expect(streamer.written).toBeLessThan(TOTAL / 2);
-      expect(leg.socket.writableLength).toBeGreaterThan(0);
-      expect(peak).toBeLessThan(SESSION_BOUND);
+      /** A logged-in client over this variant's legs, and its session (checked to run over those legs). */
+      const login = async (): Promise<{ client: ByteClient; leg: UpstreamLeg; session: Session }> => {
+        const { client, leg } = await loggedIn(proxy, upstream, clientTls ? cert.certPem : undefined);
+        clients.push(client);
+        const session = await onlySession(proxy);
+        expect(session.clientTls).toBe(clientTls);
+        expect(leg.socket instanceof tls.TLSSocket).toBe(upstreamTls);
+        return { client, leg, session };
+      };
 
-      client.socket.resume();
-      await streamer.done;
-      const expected = header.length + TOTAL + trailer.length;
-      await waitFor(() => client.count >= expected, 'every byte at the client', 120_000);
-      expect(client.count).toBe(expected);
-      expect(client.digest()).toBe(streamer.hash.digest('hex'));
-      client.socket.destroy();
-      await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
-    }, 180_000);
+      it('a client that does not read: the proxy stops reading the upstream, holds little, and relays every byte later', async () => {
+        const { client, leg, session } = await login();
+        client.socket.pause();
+        client.startHash();
+        client.socket.write('f FETCH 1 BODY[]\r\n');
+        await waitFor(() => leg.text().includes('f FETCH 1 BODY[]\r\n'), 'FETCH upstream');
 
-    it('an upstream that does not read: the proxy stops reading the client, holds little, and relays every byte later', async () => {
-      const { client, leg } = await loggedIn(proxy, upstream);
-      const session = await onlySession(proxy);
-      leg.socket.pause();
-      leg.startHash();
-      const header = Buffer.from(`a APPEND INBOX {${TOTAL}+}\r\n`);
-      const trailer = Buffer.from('\r\n');
-      const streamer = new Streamer(client.socket, header, TOTAL, trailer);
-      const peak = await untilStalled(streamer, () => session.bufferedBytes());
-      expect(streamer.finished, 'the client could write everything: the proxy kept reading').toBe(false);
-      expect(streamer.written).toBeLessThan(TOTAL / 2);
-      expect(peak).toBeLessThan(SESSION_BOUND);
+        const header = Buffer.from(`* 1 FETCH (BODY[] {${TOTAL}}\r\n`);
+        const trailer = Buffer.from(')\r\nf OK Fetch completed.\r\n');
+        const streamer = new Streamer(leg.socket, header, TOTAL, trailer);
+        const peak = await untilStalled(streamer, () => session.bufferedBytes());
+        expect(streamer.finished, 'the upstream could write everything: the proxy kept reading').toBe(false);
+        expect(streamer.written).toBeLessThan(TOTAL / 2);
+        expect(leg.socket.writableLength).toBeGreaterThan(0);
+        expect(peak).toBeLessThan(SESSION_BOUND);
 
-      leg.socket.resume();
-      await streamer.done;
-      const expected = header.length + TOTAL + trailer.length;
-      await waitFor(() => leg.count >= expected + 'a LOGIN user pw\r\n'.length, 'every byte upstream', 120_000);
-      expect(leg.digest()).toBe(streamer.hash.digest('hex'));
-      leg.socket.write('a OK Append completed.\r\n');
-      await client.untilText(/\r\na OK Append completed\.\r\n$/);
-      client.socket.destroy();
-      await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
-    }, 180_000);
+        client.socket.resume();
+        await streamer.done;
+        const expected = header.length + TOTAL + trailer.length;
+        await waitFor(() => client.count >= expected, 'every byte at the client', 120_000);
+        expect(client.count).toBe(expected);
+        expect(client.digest()).toBe(streamer.hash.digest('hex'));
+        client.socket.destroy();
+        await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
+      }, 180_000);
 
-    it('a client that sends a literal without waiting for "+": the proxy reads no further until the server answers', async () => {
-      const { client, leg } = await loggedIn(proxy, upstream);
-      const session = await onlySession(proxy);
-      leg.startHash();
-      const size = 64 * MiB;
-      const header = Buffer.from(`a APPEND INBOX {${size}}\r\n`);
-      const streamer = new Streamer(client.socket, header, size, Buffer.from('\r\n'));
-      await waitFor(() => leg.count >= 'a LOGIN user pw\r\n'.length + header.length, 'the APPEND line upstream');
-      const peak = await untilStalled(streamer, () => session.bufferedBytes());
-      expect(streamer.finished, 'the client could write everything: the proxy kept reading').toBe(false);
-      expect(peak).toBeLessThan(SESSION_BOUND);
-      expect(leg.count).toBe('a LOGIN user pw\r\n'.length + header.length); // nothing of the literal before "+"
+      it('an upstream that does not read: the proxy stops reading the client, holds little, and relays every byte later', async () => {
+        const { client, leg, session } = await login();
+        leg.socket.pause();
+        leg.startHash();
+        const header = Buffer.from(`a APPEND INBOX {${TOTAL}+}\r\n`);
+        const trailer = Buffer.from('\r\n');
+        const streamer = new Streamer(client.socket, header, TOTAL, trailer);
+        const peak = await untilStalled(streamer, () => session.bufferedBytes());
+        expect(streamer.finished, 'the client could write everything: the proxy kept reading').toBe(false);
+        expect(streamer.written).toBeLessThan(TOTAL / 2);
+        expect(peak).toBeLessThan(SESSION_BOUND);
 
-      leg.socket.write('+ Ready for literal data\r\n');
-      await streamer.done;
-      await waitFor(() => leg.count >= 'a LOGIN user pw\r\n'.length + header.length + size + 2, 'every byte upstream', 120_000);
-      expect(leg.digest()).toBe(streamer.hash.digest('hex'));
-      client.socket.destroy();
-      await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
-    }, 180_000);
+        leg.socket.resume();
+        await streamer.done;
+        const expected = header.length + TOTAL + trailer.length;
+        await waitFor(() => leg.count >= expected + 'a LOGIN user pw\r\n'.length, 'every byte upstream', 120_000);
+        expect(leg.digest()).toBe(streamer.hash.digest('hex'));
+        leg.socket.write('a OK Append completed.\r\n');
+        await client.untilText(/\r\na OK Append completed\.\r\n$/);
+        client.socket.destroy();
+        await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
+      }, 180_000);
+
+      it('a client that sends a literal without waiting for "+": the proxy reads no further until the server answers', async () => {
+        const { client, leg, session } = await login();
+        leg.startHash();
+        const size = 64 * MiB;
+        const header = Buffer.from(`a APPEND INBOX {${size}}\r\n`);
+        const streamer = new Streamer(client.socket, header, size, Buffer.from('\r\n'));
+        await waitFor(() => leg.count >= 'a LOGIN user pw\r\n'.length + header.length, 'the APPEND line upstream');
+        const peak = await untilStalled(streamer, () => session.bufferedBytes());
+        expect(streamer.finished, 'the client could write everything: the proxy kept reading').toBe(false);
+        expect(peak).toBeLessThan(SESSION_BOUND);
+        expect(leg.count).toBe('a LOGIN user pw\r\n'.length + header.length); // nothing of the literal before "+"
+
+        leg.socket.write('+ Ready for literal data\r\n');
+        await streamer.done;
+        await waitFor(() => leg.count >= 'a LOGIN user pw\r\n'.length + header.length + size + 2, 'every byte upstream', 120_000);
+        expect(leg.digest()).toBe(streamer.hash.digest('hex'));
+        client.socket.destroy();
+        await waitFor(() => proxy.app.proxy.sessions.size === 0, 'the session closed');
+      }, 180_000);
+    });
   });
 });
