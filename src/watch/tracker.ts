@@ -152,7 +152,9 @@ export class MailboxTracker {
 
   /**
    * After a (re)connect, before the first observations: loads the stored states and makes
-   * the next observation of each of `mailboxes` a catch-up against them.
+   * the next observation of each of `mailboxes` a catch-up against them. A newer state this
+   * tracker observed itself wins over the stored one: the store lags behind a change whose push
+   * is still out (written only once it is done), and that change was already emitted.
    */
   async beginCatchUp(mailboxes: string[]): Promise<void> {
     let states: Record<string, MailboxStatus> | null = null;
@@ -164,7 +166,9 @@ export class MailboxTracker {
     for (const mb of mailboxes) {
       const stored = states ? (states[mb] ?? null) : undefined;
       if (stored !== undefined) this.stored.set(mb, stored);
-      this.catchUp.set(mb, stored ?? this.last.get(mb) ?? null);
+      const last = this.last.get(mb);
+      const seen = stored && last && last.uidValidity === stored.uidValidity && last.uidNext > stored.uidNext ? last : undefined;
+      this.catchUp.set(mb, seen ?? stored ?? last ?? null);
     }
   }
 

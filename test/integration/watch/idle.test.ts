@@ -12,7 +12,7 @@ import { startCyrus, type CyrusInstance } from '../../../src/testbed/cyrus.js';
 import { sleep, startDovecot, waitFor, type DovecotInstance } from '../../../src/testbed/index.js';
 import { IdleWatcherFactory, type IdleWatcherOptions } from '../../../src/watch/idle.js';
 import { MasterCredentials } from '../../../src/watch/login.js';
-import type { UserWatcher } from '../../../src/watch/types.js';
+import type { MailboxChange, UserWatcher } from '../../../src/watch/types.js';
 import { captureLogger, Collector, context, MemoryStates, message, Relay, upstream } from './notify-harness.js';
 
 /** Polled mailboxes are checked this often in these tests. */
@@ -58,9 +58,10 @@ describe('IDLE watcher vs Cyrus 3.6', () => {
   let watch: ReturnType<typeof watchOn>;
 
   beforeAll(async () => {
-    cyrus = await startCyrus({ users: { alice: 'alicepw', bob: 'bobpw', carol: 'carolpw', dora: 'dorapw' } });
+    cyrus = await startCyrus({ users: { alice: 'alicepw', bob: 'bobpw', carol: 'carolpw', dora: 'dorapw', erin: 'erinpw' } });
     watch = watchOn(cyrus, stops);
     for (const mb of ['Work/Projects', 'Polled', 'Later']) await cyrus.createMailbox('alice', mb);
+    for (const mb of ['Lists', 'Work']) await cyrus.createMailbox('erin', mb);
   });
   afterEach(async () => {
     for (const stop of stops.splice(0).reverse()) await stop();
@@ -145,6 +146,64 @@ describe('IDLE watcher vs Cyrus 3.6', () => {
     expect(relay.clientText.match(/ IDLE\r\n/g)!.length).toBeGreaterThan(renewals());
     await cyrus.deliver(user, message('after renewals'));
     expect((await collector.waitFor(user, 'INBOX', 1))[0]!.source).toBe('idle');
+  });
+
+  it('a mailbox moved between IDLE and polling while its push is still out is not pushed again', async () => {
+    // The push of a change may take a while (the dispatcher merges changes within its coalescing window); the state
+    // is stored only once it is done. A mailbox that changes connection meanwhile (setMailboxes moves it between its
+    // own IDLE connection and the poll) is compared with the store on the new connection: it must not take the
+    // change it already reported for mail that arrived while nobody watched.
+    const user = 'erin';
+    const states = new MemoryStates();
+    const collector = new Collector();
+    let release: () => void = () => undefined;
+    const pending = new Promise<void>((r) => (release = r));
+    const registry = new Registry();
+    const factory = new IdleWatcherFactory({
+      upstream: upstream(cyrus.host, cyrus.imapPort),
+      credentials: new MasterCredentials({ user: cyrus.masterUser, password: cyrus.masterPassword }),
+      registry,
+      backoff: { initialMs: 100, maxMs: 1000 },
+      idleMaxPerUser: 2,
+      pollIntervalMs: POLL_MS,
+    });
+    stops.push(async () => {
+      release();
+      await factory.close();
+    });
+    const onChange = (c: MailboxChange) => {
+      collector.sink(c);
+      return pending; // every push stays out until release()
+    };
+    const watcher = factory.start(user, ['INBOX', 'Work'], { onChange, states, log: captureLogger().log });
+    await connected(watcher);
+    await waitFor(() => states.get(user, 'Work'), { what: 'the Work state' });
+
+    // IDLE → poll: Lists comes first, Work is the third mailbox
+    await cyrus.deliver(user, message('to Work, on its own IDLE connection'), 'Work');
+    const [live] = await collector.waitFor(user, 'Work', 1);
+    expect(live!.source).toBe('idle');
+    watcher.setMailboxes(['INBOX', 'Lists', 'Work']);
+    // (the state writes wait in order behind the pending push: no stored Lists state to wait for)
+    await waitFor(() => registry.getSingleMetricAsString('xaps_watcher_connections').then((t) => t.includes('mode="idle"} 3')), { what: 'the poll connection' });
+    await connected(watcher);
+    await sleep(SETTLE_MS); // several poll rounds of Work
+    expect(collector.of(user, 'Work')).toHaveLength(1);
+
+    // poll → IDLE: Lists leaves, Work gets its own connection again
+    await cyrus.deliver(user, message('to Work, polled'), 'Work');
+    const polled = await collector.waitFor(user, 'Work', 2);
+    expect(polled[1]!.source).toBe('poll');
+    watcher.setMailboxes(['INBOX', 'Work']);
+    await sleep(SETTLE_MS);
+    await connected(watcher);
+    expect(collector.of(user, 'Work')).toHaveLength(2);
+
+    // once the pushes are done the state is stored, and new mail is still seen
+    release();
+    await waitFor(() => states.get(user, 'Work')?.uidNext === live!.changeId.split(':').map(Number)[2]! + 1, { what: 'the Work state after the pushes' });
+    await cyrus.deliver(user, message('to Work, after'), 'Work');
+    expect((await collector.waitFor(user, 'Work', 3))[2]!.source).toBe('idle');
   });
 
   it('catches up from a stored state on start, and waits for a missing mailbox', async () => {

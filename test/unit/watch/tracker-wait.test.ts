@@ -132,6 +132,32 @@ describe('MailboxTracker: state stored after the push', () => {
     expect(states.data.INBOX).toEqual(S(1, 5, 4));
   });
 
+  it('a catch-up while the push is still out (the mailbox moved to another connection, or it reconnected) does not emit the change again', async () => {
+    const states = memoryStates({ INBOX: S(1, 3, 2), Work: S(2, 7, 6) });
+    const push = deferred();
+    const { t, changes } = tracker(states, () => push.promise);
+    await t.beginCatchUp(['INBOX', 'Work']);
+    t.observe('INBOX', S(1, 3, 2), 'idle');
+    t.observe('Work', S(2, 7, 6), 'idle');
+    expect(t.observe('INBOX', S(1, 4, 3), 'idle')).toBe('changed'); // its push is out; the store still says 3
+    await settle();
+    expect(states.data.INBOX).toEqual(S(1, 3, 2));
+    await t.beginCatchUp(['INBOX', 'Work']);
+    expect(t.observe('INBOX', S(1, 4, 3), 'poll')).toBe('unchanged'); // was: 'changed', a second push of INBOX:1:4
+    expect(t.observe('Work', S(2, 8, 7), 'poll')).toBe('changed'); // mail while the connection changed: caught up
+    expect(changes.map((c) => [c.changeId, c.source])).toEqual([
+      ['INBOX:1:4', 'idle'],
+      ['Work:2:8', 'catch-up'],
+    ]);
+    push.resolve();
+    await settle();
+    expect(states.data).toEqual({ INBOX: S(1, 4, 3), Work: S(2, 8, 7) });
+    // with the store up to date, what arrived after is caught up as before
+    await t.beginCatchUp(['INBOX']);
+    expect(t.observe('INBOX', S(1, 5, 4), 'poll')).toBe('changed');
+    expect(changes.at(-1)).toMatchObject({ changeId: 'INBOX:1:5', source: 'catch-up' });
+  });
+
   it('stopping (flush) while the push is pending does not wait for it and does not write; the restart catches up', async () => {
     const states = memoryStates({ INBOX: S(1, 3, 2), Work: S(9, 10, 9) });
     const push = deferred();
