@@ -1,8 +1,10 @@
 /**
- * npm run soak -- --minutes N [options]
+ * npm run soak -- --minutes N [--watch notify|idle|events] [options]
  *
  * Drives connection churn, registrations and deliveries through a real xaps-proxy process (in front of a throwaway
- * Dovecot, pushing to a mock APNs) at steady rates for N minutes, then reports lost, duplicate and wrong pushes and
+ * Dovecot — or Cyrus for --watch idle — pushing to a mock APNs) at steady rates for N minutes, in one watch mode
+ * (NOTIFY watchers, IDLE/STATUS watchers, or Dovecot's Lua push hook into the events listener), then reports lost,
+ * duplicate and wrong pushes and
  * the proxy's memory after the warm-up. Exit 0 when nothing was lost or wrong, the proxy stayed alive, its RSS stayed
  * within the tolerance and the load reached its minimums; 1 otherwise; 2 for a bad command line.
  * The runner is test/soak/runner.ts (shared with test/integration/soak.test.ts); `npm run soak` bootstraps
@@ -13,6 +15,8 @@ import { formatSummary } from '../test/soak/report.js';
 
 const NUMERIC: Record<string, keyof SoakOptions> = {
   '--minutes': 'minutes',
+  '--idle-max-per-user': 'idleMaxPerUser',
+  '--poll-interval-ms': 'pollIntervalMs',
   '--users': 'users',
   '--churn-rate': 'churnRate',
   '--churn-concurrency': 'churnConcurrency',
@@ -37,7 +41,12 @@ function usage(): string {
     'usage: npm run soak -- --minutes N [options]',
     '',
     `  --minutes N               length of the load phase (default ${d.minutes})`,
-    `  --users N                 Dovecot users (default ${d.users})`,
+    `  --watch notify|idle|events  the proxy's watch mode (default ${d.watch}): NOTIFY against Dovecot, IDLE against`,
+    '                            Cyrus (see --upstream), or events from Dovecot\'s push_notification Lua hook',
+    `  --upstream auto|dovecot|cyrus  the IMAP server (default ${d.upstream}: Cyrus for idle, Dovecot otherwise)`,
+    `  --idle-max-per-user N     idle mode: IDLE connections per user, the rest polled (default ${d.idleMaxPerUser})`,
+    `  --poll-interval-ms N      idle mode: the proxy's --poll-interval (default ${d.pollIntervalMs})`,
+    `  --users N                 IMAP users (default ${d.users})`,
     `  --churn-rate N            short IMAP sessions per second (default ${d.churnRate})`,
     `  --churn-concurrency N     most short sessions at once (default ${d.churnConcurrency})`,
     `  --sticky N                long-lived IDLE clients (default ${d.stickyClients})`,
@@ -81,7 +90,15 @@ function parse(argv: string[]): { opts: Partial<SoakOptions> & { minutes: number
     else if (flag === '--quiet') quiet = true;
     else if (flag === '--keep') opts.keepDir = true;
     else if (flag === '--records') opts.records = true;
-    else if (flag === '--store') {
+    else if (flag === '--watch') {
+      const v = value();
+      if (v !== 'notify' && v !== 'idle' && v !== 'events') throw new Error('--watch must be notify, idle or events');
+      opts.watch = v;
+    } else if (flag === '--upstream') {
+      const v = value();
+      if (v !== 'auto' && v !== 'dovecot' && v !== 'cyrus') throw new Error('--upstream must be auto, dovecot or cyrus');
+      opts.upstream = v;
+    } else if (flag === '--store') {
       const v = value();
       if (v !== 'embedded' && v !== 'redis') throw new Error('--store must be embedded or redis');
       opts.store = v;
@@ -100,6 +117,9 @@ function parse(argv: string[]): { opts: Partial<SoakOptions> & { minutes: number
   }
   const minutes = opts.minutes ?? SOAK_DEFAULTS.minutes;
   if (!(minutes > 0)) throw new Error('--minutes must be > 0');
+  if (opts.upstream === 'cyrus' && (opts.watch ?? SOAK_DEFAULTS.watch) !== 'idle') throw new Error('--upstream cyrus goes with --watch idle only');
+  if (opts.idleMaxPerUser !== undefined && !(Number.isInteger(opts.idleMaxPerUser) && opts.idleMaxPerUser >= 1)) throw new Error('--idle-max-per-user must be an integer >= 1');
+  if (opts.pollIntervalMs !== undefined && !(opts.pollIntervalMs >= 1000)) throw new Error('--poll-interval-ms must be >= 1000');
   return { opts: { ...opts, minutes }, json, quiet };
 }
 

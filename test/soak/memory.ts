@@ -35,6 +35,8 @@ export interface MemorySample {
   clientConnections: number | null;
   /** Users watched (xaps_watchers, all modes). */
   watchers: number | null;
+  /** Open upstream connections of the watchers (xaps_watcher_connections, all modes). */
+  watcherConnections?: number | null;
 }
 
 let clockTicks: number | undefined;

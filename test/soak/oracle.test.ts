@@ -1,7 +1,7 @@
 /** The soak's oracle and memory verdict on hand-made records: what counts as lost, duplicate, wrong and flat. */
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { analyze, SOAK_MAILBOXES, type DeliveryRecord, type DeviceRecord, type Interval, type PushRecord } from './oracle.js';
+import { analyze, modeTimings, SOAK_MAILBOXES, type DeliveryRecord, type DeviceRecord, type Interval, type PushRecord } from './oracle.js';
 import { memoryVerdict, metricByLabel, metricSum, type MemorySample } from './memory.js';
 
 const md5 = (s: string) => createHash('md5').update(s, 'utf8').digest('hex');
@@ -100,6 +100,39 @@ describe('soak oracle', () => {
   it('failed deliveries require no push but may explain one', () => {
     const r = analyze([alice], [delivery('alice', 'INBOX', 100, false)], [push(T, 600, null)], OPTS);
     expect(r).toMatchObject({ deliveriesFailed: 1, expected: 0, lost: 0, duplicates: 0, wrong: 0 });
+  });
+});
+
+describe('soak oracle per watch mode', () => {
+  const base = { coalesceWindowMs: 2000, pollIntervalMs: 10_000 };
+  const opts = (watch: 'notify' | 'idle' | 'events') => ({ topic: TOPIC, mailboxByMd5: OPTS.mailboxByMd5, ...modeTimings(watch, base) });
+
+  it('notify keeps the timings it always had; events has the same; idle adds one poll interval to the guard and LATE', () => {
+    expect(modeTimings('notify', base)).toEqual({ removeGuardMs: 15_000, wrongGraceMs: 17_000, lateAfterMs: 7000 });
+    expect(modeTimings('events', base)).toEqual(modeTimings('notify', base));
+    expect(modeTimings('idle', base)).toEqual({ removeGuardMs: 25_000, wrongGraceMs: 17_000, lateAfterMs: 17_000 });
+  });
+
+  it('a STATUS poll that finds three deliveries makes one push: all satisfied, no duplicate, late only for notify timings', () => {
+    const dev = device(T, 'dave', { INBOX: [open(0)], Work: [open(0)] });
+    const ds = [delivery('dave', 'Work', 1000), delivery('dave', 'Work', 4000), delivery('dave', 'Work', 8000)];
+    const ps = [push(T, 10_500, ['Work'])];
+    expect(analyze([dev], ds, ps, opts('idle'))).toMatchObject({ expected: 3, satisfied: 3, lost: 0, duplicates: 0, wrong: 0, late: 0 });
+    expect(analyze([dev], ds, ps, opts('notify'))).toMatchObject({ expected: 3, satisfied: 3, lost: 0, late: 1 });
+  });
+
+  it('events: one push per delivery (nothing merged outside a window) is no duplicate; a second push for one delivery is', () => {
+    const dev = device(T, 'erin', { INBOX: [open(0)] });
+    const ds = [delivery('erin', 'INBOX', 1000), delivery('erin', 'INBOX', 5000)];
+    expect(analyze([dev], ds, [push(T, 1020, null), push(T, 5020, null)], opts('events'))).toMatchObject({ satisfied: 2, duplicates: 0 });
+    expect(analyze([dev], ds, [push(T, 1020, null), push(T, 3020, null), push(T, 5020, null)], opts('events')).duplicates).toBe(1);
+  });
+
+  it('idle: a delivery to a polled mailbox shortly before its removal is not expected (the poll may come after it)', () => {
+    const dev = device(T, 'fred', { INBOX: [open(0)], Work: [{ sentAt: 0, okAt: 0, armedAt: 0, endSentAt: 60_000, endOkAt: 60_010 }] });
+    const ds = [delivery('fred', 'Work', 40_000)];
+    expect(analyze([dev], ds, [], opts('idle'))).toMatchObject({ expected: 0, lost: 0 });
+    expect(analyze([dev], ds, [], opts('notify'))).toMatchObject({ expected: 1, lost: 1 });
   });
 });
 

@@ -32,13 +32,27 @@
  *   M was dropped go out). Archive is never registered by anyone: any push covering it is wrong.
  *
  * - LATE (reported, not a failure): an expected pair whose first push came more than `lateAfterMs` (the coalescing
- *   window + 5 s in the soak) after s(d). Normal is Dovecot's ~0.5 s NOTIFY delay, plus at most one window.
+ *   window + 5 s in the soak, plus the poll interval in idle mode) after s(d). Normal is Dovecot's ~0.5 s NOTIFY
+ *   delay, IDLE's ~0 s (Cyrus with idled) or STATUS polling's up to one poll interval, the events hook's ~0 s — plus
+ *   at most one window.
  *
  * - DUPLICATE push: a push that no delivery can account for, counted per (device, mailbox): the k-th push of (D, M)
  *   in time order is a duplicate when, after the earlier pushes of (D, M) were each paired with a distinct delivery
  *   to (U, M) started before them, no unpaired delivery started before it is left. (Greedy pairing in time order is
  *   optimal here, so this is the least number of pushes that cannot be explained one delivery each: coalescing only
  *   ever makes fewer pushes than deliveries, never more.) Failed deliveries count as possible causes too.
+ *
+ * The watch modes differ in how deliveries become changes, not in what a push must do, so the definitions above hold
+ * for all three; only the timings differ (`modeTimings`):
+ *   notify  one `* STATUS` per mailbox ~0.5 s after a delivery (several deliveries close together may make one);
+ *   idle    an EXISTS on the mailbox's own IDLE connection, then a STATUS (one change may cover several deliveries);
+ *           mailboxes beyond --idle-max-per-user are STATUSed every poll interval, so one change there covers every
+ *           delivery of the interval and comes up to a poll interval late: the removal guard and LATE grow by it;
+ *   events  one event per delivery (one per mailbox and transaction: an LMTP delivery to one recipient is one), each
+ *           with its own change id: never fewer changes than deliveries, merged only by the coalescing window.
+ * In every mode a change is pushed at once to a device that had no push within the coalescing window, else merged
+ * into one push at the window's end: a push covers every mailbox changed in its window, so pushes <= deliveries per
+ * (device, mailbox) holds everywhere, and a push beyond that is a duplicate whatever the mode.
  */
 
 export const SOAK_MAILBOXES = ['INBOX', 'Work', 'Lists', 'Archive'] as const;
@@ -162,6 +176,22 @@ export interface OracleResult {
   duplicateExamples: DuplicatePush[];
   /** The slowest satisfied pairs (at most `examples`), slowest first. */
   slowest: SlowPush[];
+}
+
+export type WatchMode = 'notify' | 'idle' | 'events';
+
+/** The timing options of `analyze` for a watch mode (see the header). */
+export function modeTimings(
+  watch: WatchMode,
+  o: { coalesceWindowMs: number; pollIntervalMs: number },
+): Required<Pick<OracleOptions, 'removeGuardMs' | 'wrongGraceMs' | 'lateAfterMs'>> {
+  // how much later than its delivery a change may be noticed, beyond the mode's usual delay
+  const detection = watch === 'idle' ? o.pollIntervalMs : 0;
+  return {
+    removeGuardMs: 15_000 + detection,
+    wrongGraceMs: o.coalesceWindowMs + 15_000,
+    lateAfterMs: o.coalesceWindowMs + 5000 + detection,
+  };
 }
 
 /** The mailboxes a push covers (null: an MD5 of no known mailbox is listed; see `unknown`). */

@@ -21,9 +21,17 @@ export function formatSummary(r: SoakResult): string {
   const lines: string[] = [];
   lines.push(`soak ${r.ok ? 'PASSED' : 'FAILED'}: ${r.options.minutes} min of load (${sec(r.timing.loadMs)}), setup ${sec(r.timing.setupMs)}, drain ${sec(r.timing.drainMs)}, total ${sec(r.timing.totalMs)}`);
   for (const f of r.failures) lines.push(`  FAIL ${f}`);
+  const o = r.options;
+  const upstream = o.upstream === 'cyrus' ? 'Cyrus' : 'Dovecot';
+  const mode =
+    o.watch === 'idle'
+      ? `idle mode (--idle-max-per-user ${o.idleMaxPerUser}, --poll-interval ${sec(o.pollIntervalMs)})`
+      : o.watch === 'events'
+        ? 'events mode (Dovecot push_notification Lua)'
+        : `${o.watch} mode`;
   lines.push(
-    `setup: ${r.options.users} Dovecot users, ${r.options.store} store, proxy from ${proxy.entry} (pid ${proxy.pid}), ` +
-      `coalescing window ${r.options.coalesceWindowMs} ms, ${(r.options.apnsErrorRate * 100).toFixed(1)}% of APNs requests answered 503`,
+    `setup: ${mode}, ${o.users} ${upstream} users, ${o.store} store, proxy from ${proxy.entry} (pid ${proxy.pid}), ` +
+      `coalescing window ${o.coalesceWindowMs} ms, ${(o.apnsErrorRate * 100).toFixed(1)}% of APNs requests answered 503`,
   );
   const s = load.sessions;
   lines.push(
@@ -34,13 +42,28 @@ export function formatSummary(r: SoakResult): string {
   lines.push(
     `registrations: ${g.initial} before the load, ${g.during} during it (${g.mailboxChanges} changed mailboxes, ${g.newDevices} new devices), ` +
       `${g.ok} ok, ${g.failed} failed; ${g.retired} devices retired (APNs 410); devices ${load.devices.atStart} → ${load.devices.atEnd}, ` +
-      `${load.devices.watchedUsersAtStart ?? '?'} users watched at the start`,
+      (o.watch === 'events' ? 'no watchers (events)' : `${load.devices.watchedUsersAtStart ?? '?'} users watched at the start`),
+  );
+  const conns = r.samples.map((x) => x.watcherConnections).filter((x): x is number => typeof x === 'number');
+  const clients = r.samples.map((x) => x.clientConnections).filter((x): x is number => typeof x === 'number');
+  lines.push(
+    `connections: client connections at the proxy max ${clients.length > 0 ? Math.max(...clients) : '?'}; ` +
+      `upstream watcher connections ${conns.length > 0 ? `${conns[0]} at the start, max ${Math.max(...conns)}, ${conns[conns.length - 1]} at the end` : '?'}`,
   );
   const d = load.deliveries;
   lines.push(
     `deliveries: ${d.attempted} (${perSec(d.attempted)}/s; ${d.targeted} to registered mailboxes, ${d.anyMailbox} to any mailbox, ${d.archive} to the never-registered Archive), ` +
       `${d.ok} ok, ${d.failed} failed, ${d.skipped} skipped`,
   );
+  if (o.watch === 'events') {
+    const requests = proxy.metrics.events_requests_total;
+    const byOutcome = typeof requests === 'object' ? requests : {};
+    const refused = Object.entries(byOutcome).filter(([k, n]) => k !== 'accepted' && n > 0);
+    lines.push(
+      `events: ${byOutcome.accepted ?? '?'} requests accepted (${String(proxy.metrics.events_changes_total ?? '?')} changes) for ${d.ok} deliveries` +
+        (refused.length > 0 ? `; refused ${JSON.stringify(Object.fromEntries(refused))}` : ''),
+    );
+  }
   lines.push(
     `pushes: ${oracle.pushes} delivered (200) for ${oracle.expected} (delivery, device) pairs that required one — ` +
       `${(oracle.pushes / Math.max(1, oracle.expected)).toFixed(2)} pushes per pair; APNs requests ${r.apns.requests}, ${r.apns.injected503} answered 503, ${r.apns.answered410} answered 410`,

@@ -1,6 +1,15 @@
 /**
- * The soak: a real Dovecot (generated users, a master user), the mock APNs (TLS + HTTP/2) and xaps-proxy as its own
- * process (--watch notify, embedded store or Redis), driven for N minutes at steady rates by
+ * The soak: a real IMAP server (./upstream.ts: Dovecot, or Cyrus for idle mode; generated users, a master user), the
+ * mock APNs (TLS + HTTP/2) and xaps-proxy as its own process (embedded store or Redis), in one of three watch modes:
+ *
+ *   notify  --watch notify against Dovecot: one NOTIFY connection per user (the default);
+ *   idle    --watch idle, by default against Cyrus 3.6 (the server idle mode is for): an EXAMINE + IDLE connection
+ *           per mailbox up to --idle-max-per-user (2 here, so that users with INBOX, Lists and Work have Work
+ *           polled with STATUS every pollIntervalMs), the rest polled; `upstream: 'dovecot'` runs it against Dovecot;
+ *   events  --watch events against Dovecot with the shipped push_notification Lua driver posting each delivery to the
+ *           proxy's events listener (no upstream connections);
+ *
+ * driven for N minutes at steady rates by
  *
  *   churn       short IMAP sessions through the proxy (plain and TLS): LOGIN, SELECT, FETCH, LOGOUT — some cut off
  *               mid-session, some trimming INBOX with EXPUNGE;
@@ -19,8 +28,8 @@
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { createHash } from 'node:crypto';
-import { startDovecot, type DovecotInstance } from '../../src/testbed/dovecot.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { cyrusAvailable } from '../../src/testbed/cyrus.js';
 import { startRedis, type RedisInstance } from '../../src/testbed/redis.js';
 import { startMockApns, type MockApns, type MockAnswer, type RecordedRequest } from '../../src/testbed/mock-apns.js';
 import { createTestCa, issueMailPushCert } from '../../src/testbed/apns-certs.js';
@@ -29,6 +38,7 @@ import { RawImap } from '../helpers/raw-imap.js';
 import { lmtpDeliver } from '../helpers/lmtp.js';
 import {
   analyze,
+  modeTimings,
   SOAK_MAILBOXES,
   type DeliveryRecord,
   type DeviceRecord,
@@ -39,11 +49,22 @@ import {
 import { memoryVerdict, metricByLabel, metricSum, readCpuMs, readRss, verdictWindows, type MemorySample, type MemoryVerdict } from './memory.js';
 import { InspectorClient } from './inspector.js';
 import { startProxyProcess, type ProxyEntry, type ProxyLogStats, type ProxyProcess } from './proxy-process.js';
+import { startSoakUpstream, type SoakUpstream, type SoakUpstreamKind } from './upstream.js';
+
+export type SoakWatchMode = 'notify' | 'idle' | 'events';
 
 export interface SoakOptions {
   /** Length of the load phase. */
   minutes: number;
-  /** Generated Dovecot users (user0001…). */
+  /** The proxy's --watch. */
+  watch: SoakWatchMode;
+  /** The IMAP server: 'auto' is Cyrus for idle mode (Dovecot when Cyrus is not installed), Dovecot otherwise. */
+  upstream: SoakUpstreamKind | 'auto';
+  /** Idle mode: the proxy's --idle-max-per-user (mailboxes beyond it are polled). */
+  idleMaxPerUser: number;
+  /** Idle mode: the proxy's --poll-interval. */
+  pollIntervalMs: number;
+  /** Generated users (user0001…). */
   users: number;
   /** Users with a device when the load starts. */
   registeredShare: number;
@@ -93,6 +114,10 @@ export interface SoakOptions {
 
 export const SOAK_DEFAULTS: Omit<SoakOptions, 'log'> = {
   minutes: 2,
+  watch: 'notify',
+  upstream: 'auto',
+  idleMaxPerUser: 2,
+  pollIntervalMs: 10_000,
   users: 100,
   registeredShare: 0.8,
   secondDeviceShare: 0.4,
@@ -293,6 +318,14 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
   const o: Omit<SoakOptions, 'log'> = { ...SOAK_DEFAULTS, ...rest };
   if (!(o.minutes > 0)) throw new Error('minutes must be > 0');
   if (!(o.users >= 2)) throw new Error('users must be >= 2');
+  if (!['notify', 'idle', 'events'].includes(o.watch)) throw new Error('watch must be notify, idle or events');
+  if (o.watch === 'idle' && !(o.idleMaxPerUser >= 1 && o.pollIntervalMs >= 1000)) throw new Error('idle mode needs idleMaxPerUser >= 1 and pollIntervalMs >= 1000');
+  const autoNote =
+    o.upstream === 'auto' && o.watch === 'idle' && !cyrusAvailable() ? 'Cyrus is not installed here: idle mode runs against Dovecot' : undefined;
+  const upstreamKind: SoakUpstreamKind = o.upstream === 'auto' ? (o.watch === 'idle' && !autoNote ? 'cyrus' : 'dovecot') : o.upstream;
+  if (upstreamKind === 'cyrus' && o.watch !== 'idle') throw new Error(`${o.watch} mode runs against Dovecot only (upstream must be dovecot or auto)`);
+  o.upstream = upstreamKind;
+  const upstreamName = upstreamKind === 'cyrus' ? 'Cyrus' : 'Dovecot';
   const t0 = Date.now();
   const rand = randomSource(o.seed);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
@@ -308,14 +341,15 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
   };
 
   let dir: string | null = null;
-  let dovecot: DovecotInstance | undefined;
+  let upstream: SoakUpstream | undefined;
   let redis: RedisInstance | undefined;
   let mock: MockApns | undefined;
   let proxy: ProxyProcess | undefined;
   let inspector: InspectorClient | undefined;
   try {
     dir = await fs.mkdtemp(path.join(os.tmpdir(), 'xaps-soak-'));
-    say(`setting up in ${dir}: Dovecot with ${o.users} users, mock APNs, ${o.store} store`);
+    if (autoNote) say(autoNote);
+    say(`setting up in ${dir}: ${o.watch} mode, ${upstreamName} with ${o.users} users, mock APNs, ${o.store} store`);
 
     // ------------------------------------------------------------ servers ---
     const ca = createTestCa('xaps soak CA');
@@ -323,39 +357,33 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
     // one after the other: each is in the cleanup below as soon as it runs
     mock = await startMockApns({ clientCa: ca.certPem, record: false });
     if (o.store === 'redis') redis = await startRedis();
-    dovecot = await startDovecot({
-      users: {},
-      genUsers: o.users,
-      maxConnections: 1000,
-      // LMTP "user+Mailbox" delivers into Mailbox (created if missing)
-      extraConfig: 'recipient_delimiter = +\nlmtp_save_to_detail_mailbox = yes\nlda_mailbox_autocreate = yes\n',
+    // events mode: the listener's port goes into Dovecot's Lua settings, so it is picked first
+    const events = o.watch === 'events' ? { port: (await freePorts(1))[0]!, secret: `soak-${randomBytes(12).toString('hex')}` } : undefined;
+    upstream = await startSoakUpstream({
+      kind: upstreamKind,
+      users,
+      // every user gets every mailbox up front: the watchers see them exist from their first snapshot
+      mailboxes: SOAK_MAILBOXES.filter((m) => m !== 'INBOX'),
+      dir,
+      ca,
+      ...(events ? { events: { url: `http://127.0.0.1:${events.port}/events`, secret: events.secret } } : {}),
     });
-    const dc = dovecot;
-    // every user gets every mailbox up front: the watchers see them exist from their first snapshot
-    {
-      let next = 0;
-      await Promise.all(
-        Array.from({ length: 4 }, async () => {
-          while (next < users.length) {
-            const u = users[next++]!;
-            await dc.doveadm(['mailbox', 'create', '-u', u, ...SOAK_MAILBOXES.filter((m) => m !== 'INBOX')]);
-          }
-        }),
-      );
-    }
+    const dc = upstream;
     const files = {
       cert: path.join(dir, 'mail.pem'),
       key: path.join(dir, 'mail.key'),
       apnsCa: path.join(dir, 'apns-ca.pem'),
       master: path.join(dir, 'master.pw'),
+      eventsSecret: path.join(dir, 'events.secret'),
       data: path.join(dir, 'data'),
     };
     await fs.writeFile(files.cert, cert.certPem);
     await fs.writeFile(files.key, cert.keyPem, { mode: 0o600 });
     await fs.writeFile(files.apnsCa, mock.caPem);
     await fs.writeFile(files.master, `${dc.masterPassword}\n`, { mode: 0o600 });
+    if (events) await fs.writeFile(files.eventsSecret, `${events.secret}\n`, { mode: 0o600 });
     await fs.mkdir(files.data);
-    const clientCa = await fs.readFile(dc.caCertPath);
+    const clientCa = dc.clientCaPem;
 
     // ------------------------------------------------------ the mock APNs ---
     const pushes: PushRecord[] = [];
@@ -386,6 +414,15 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
     // ------------------------------------------------------------ the proxy ---
     const [plainPort, tlsPort, metricsPort, inspectPort] = (await freePorts(4)) as [number, number, number, number];
     const storeArgs = redis ? ['--redis-url', redis.url, '--data-dir', files.data] : ['--data-dir', files.data];
+    const watchArgs =
+      o.watch === 'events'
+        ? ['--watch', 'events', '--events-listen', `127.0.0.1:${events!.port}`, '--events-secret-file', files.eventsSecret]
+        : [
+            '--watch', o.watch,
+            '--master-user', dc.masterUser,
+            '--master-password-file', files.master,
+            ...(o.watch === 'idle' ? ['--idle-max-per-user', String(o.idleMaxPerUser), '--poll-interval', `${o.pollIntervalMs}ms`] : []),
+          ];
     proxy = await startProxyProcess({
       entry: o.entry,
       // the live-memory probe (./inspector.ts); loopback only
@@ -395,12 +432,10 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
       tlsPort,
       metricsPort,
       args: [
-        '--tls-cert', dc.caCertPath,
+        '--tls-cert', dc.tlsCertPath,
         '--tls-key', dc.tlsKeyPath,
         '--upstream', `127.0.0.1:${dc.imapPort}`,
-        '--watch', 'notify',
-        '--master-user', dc.masterUser,
-        '--master-password-file', files.master,
+        ...watchArgs,
         '--apns-cert', files.cert,
         '--apns-key', files.key,
         '--apns-endpoint', mock.url,
@@ -519,9 +554,12 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
       );
     }
     const usersWithDevices = new Set(devices.filter((d) => d.active).map((d) => d.rec.user)).size;
-    say(`${devices.length} devices of ${usersWithDevices} users registered; waiting for their watchers`);
     let watchedAtStart: number | null = null;
-    {
+    if (o.watch === 'events') {
+      // no watchers: a registration counts from its OK (the store has it; every later event finds it)
+      say(`${devices.length} devices of ${usersWithDevices} users registered`);
+    } else {
+      say(`${devices.length} devices of ${usersWithDevices} users registered; waiting for their watchers`);
       const deadline = Date.now() + 90_000;
       for (;;) {
         const text = await px.http('/metrics').then((r) => r.body).catch(() => '');
@@ -544,7 +582,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
     }
     const devicesAtStart = devices.filter((d) => d.active).length;
     const setupMs = Date.now() - t0;
-    say(`${watchedAtStart} users watched; load for ${o.minutes} min`);
+    say(`${o.watch === 'events' ? 'no watchers (events)' : `${watchedAtStart} users watched`}; load for ${o.minutes} min`);
 
     // --------------------------------------------------------------- load ---
     const loadStart = Date.now();
@@ -752,6 +790,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
           liveExternalBytes: live?.external ?? null,
           clientConnections: metricSum(text, 'xaps_client_connections') ?? null,
           watchers: metricSum(text, 'xaps_watchers') ?? null,
+          watcherConnections: metricSum(text, 'xaps_watcher_connections') ?? null,
         });
       } finally {
         sampling = false;
@@ -767,7 +806,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
       say(
         `sessions ${counters.sessions.started} (failed ${counters.sessions.failed}, skipped ${churn.skipped}), ` +
           `registrations ${counters.registrations.ok}, deliveries ${counters.deliveries.attempted}, pushes ${apns.ok200}, ` +
-          `rss ${mb(s?.rssBytes)}, heap ${mb(s?.heapUsedBytes)}, clients ${s?.clientConnections ?? '?'}, watched ${s?.watchers ?? '?'}`,
+          `rss ${mb(s?.rssBytes)}, heap ${mb(s?.heapUsedBytes)}, clients ${s?.clientConnections ?? '?'}, watched ${s?.watchers ?? '?'} (${s?.watcherConnections ?? '?'} upstream connections)`,
       );
     }, o.progressIntervalMs);
 
@@ -806,9 +845,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
       const oracleOpts = {
         topic: cert.topic,
         mailboxByMd5: new Map(SOAK_MAILBOXES.map((m) => [md5(m), m] as [string, string])),
-        removeGuardMs: 15_000,
-        wrongGraceMs: o.coalesceWindowMs + 15_000,
-        lateAfterMs: o.coalesceWindowMs + 5000,
+        ...modeTimings(o.watch, o),
       };
       while (Date.now() - drainStart < o.drainMaxMs && px.alive()) {
         if (analyze(devices.map((d) => d.rec), deliveries, pushes, oracleOpts).lost === 0) break;
@@ -857,6 +894,13 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
         push_queue_dropped_total: metricSum(finalMetrics, 'xaps_push_queue_dropped_total') ?? -1,
         registrations_removed_total: metricByLabel(finalMetrics, 'xaps_registrations_removed_total', 'reason'),
         watcher_reconnects_total: metricSum(finalMetrics, 'xaps_watcher_reconnects_total') ?? -1,
+        watcher_connections: metricSum(finalMetrics, 'xaps_watcher_connections') ?? -1,
+        ...(o.watch === 'events'
+          ? {
+              events_requests_total: metricByLabel(finalMetrics, 'xaps_events_requests_total', 'outcome'),
+              events_changes_total: metricSum(finalMetrics, 'xaps_events_changes_total') ?? -1,
+            }
+          : {}),
       };
 
       return {
@@ -901,7 +945,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
     inspector?.close();
     await proxy?.stop(5000).catch(() => undefined);
     await mock?.close().catch(() => undefined);
-    await dovecot?.destroy().catch(() => undefined);
+    await upstream?.destroy().catch(() => undefined);
     await redis?.destroy().catch(() => undefined);
     if (dir && !o.keepDir) await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);
   }
