@@ -138,6 +138,11 @@ class IdleMailboxSession extends WatchSession {
 /** The mailboxes beyond idleMaxPerUser: STATUS each every pollIntervalMs on one connection. */
 class PollSession extends WatchSession {
   private needCatchUp: string[] = [];
+  /**
+   * Mailboxes were added after the current round took its list: another round follows at once. A wake while no
+   * sleep is pending would be lost, and the new mailbox left unwatched for a whole interval.
+   */
+  private roundDue = false;
 
   constructor(
     user: string,
@@ -153,6 +158,7 @@ class PollSession extends WatchSession {
     this.mailboxes = list;
     if (added.length > 0) {
       this.needCatchUp.push(...added);
+      this.roundDue = true;
       if (this.ready) this.wakeSleep(); // poll the new ones now
     }
   }
@@ -167,7 +173,8 @@ class PollSession extends WatchSession {
     this.markReady();
     const pollMs = this.shared.opts.pollIntervalMs ?? 60_000;
     for (;;) {
-      if (!(await this.sleep(pollMs))) return;
+      if (!this.roundDue && !(await this.sleep(pollMs))) return;
+      this.throwIfStopped();
       if (conn.closed) throw await conn.whenClosed();
       await this.round(conn);
     }
@@ -178,6 +185,7 @@ class PollSession extends WatchSession {
   }
 
   private async round(conn: ImapConnection): Promise<void> {
+    this.roundDue = false;
     if (this.needCatchUp.length > 0) await this.shared.tracker.beginCatchUp(this.needCatchUp.splice(0));
     for (const mb of [...this.mailboxes]) {
       this.throwIfStopped();

@@ -58,10 +58,11 @@ describe('IDLE watcher vs Cyrus 3.6', () => {
   let watch: ReturnType<typeof watchOn>;
 
   beforeAll(async () => {
-    cyrus = await startCyrus({ users: { alice: 'alicepw', bob: 'bobpw', carol: 'carolpw', dora: 'dorapw', erin: 'erinpw' } });
+    cyrus = await startCyrus({ users: { alice: 'alicepw', bob: 'bobpw', carol: 'carolpw', dora: 'dorapw', erin: 'erinpw', frank: 'frankpw' } });
     watch = watchOn(cyrus, stops);
     for (const mb of ['Work/Projects', 'Polled', 'Later']) await cyrus.createMailbox('alice', mb);
     for (const mb of ['Lists', 'Work']) await cyrus.createMailbox('erin', mb);
+    for (const mb of ['Archive', 'Late', 'Later']) await cyrus.createMailbox('frank', mb);
   });
   afterEach(async () => {
     for (const stop of stops.splice(0).reverse()) await stop();
@@ -204,6 +205,27 @@ describe('IDLE watcher vs Cyrus 3.6', () => {
     await waitFor(() => states.get(user, 'Work')?.uidNext === live!.changeId.split(':').map(Number)[2]! + 1, { what: 'the Work state after the pushes' });
     await cyrus.deliver(user, message('to Work, after'), 'Work');
     expect((await collector.waitFor(user, 'Work', 3))[2]!.source).toBe('idle');
+  });
+
+  it('a mailbox added to the polled set during a poll round is polled when the round ends, not a whole interval later', async () => {
+    const user = 'frank';
+    const relay = await Relay.start(cyrus.host, cyrus.imapPort);
+    stops.push(() => relay.close());
+    // a poll interval far longer than the test: only a round right after the current one can see Later in time
+    const { watcher, states } = watch(user, ['INBOX', 'Archive'], { port: relay.port, idleMaxPerUser: 1, pollIntervalMs: 10 * 60_000 });
+    await connected(watcher);
+    await waitFor(() => states.get(user, 'Archive'), { what: 'the first poll round' });
+
+    // adding Late wakes the poll session: a round starts and hangs on its STATUS of Archive
+    relay.holdReplies();
+    const sent = relay.clientText.length;
+    watcher.setMailboxes(['INBOX', 'Archive', 'Late']);
+    await waitFor(() => /STATUS "?Archive"? /.test(relay.clientText.slice(sent)), { what: 'a poll round under way' });
+    // Later joins while that round runs
+    watcher.setMailboxes(['INBOX', 'Archive', 'Late', 'Later']);
+    relay.releaseReplies();
+    await waitFor(() => states.get(user, 'Late'), { what: 'Late polled in the round it started' });
+    await waitFor(() => states.get(user, 'Later'), { timeoutMs: 15_000, what: 'Later polled right after that round' });
   });
 
   it('catches up from a stored state on start, and waits for a missing mailbox', async () => {

@@ -75,6 +75,8 @@ export function message(subject: string): string {
 /** A loopback TCP relay to `targetPort` that can be cut (all connections dropped, new ones refused). */
 export class Relay {
   private blocked = false;
+  /** While set, what the server sends is queued instead of relayed (holdReplies/releaseReplies). */
+  private held: Array<[net.Socket, Buffer]> | null = null;
   private readonly sockets = new Set<net.Socket>();
   /** Bytes the clients (the watchers) sent so far. */
   clientBytes = 0;
@@ -103,7 +105,10 @@ export class Relay {
         relay!.clientText += d.toString('latin1');
       });
       client.pipe(up);
-      up.pipe(client);
+      up.on('data', (d: Buffer) => {
+        if (relay!.held) relay!.held.push([client, d]);
+        else client.write(d);
+      });
       relay.sockets.add(client).add(up);
       client.on('close', () => relay?.sockets.delete(client));
       up.on('close', () => relay?.sockets.delete(up));
@@ -122,6 +127,17 @@ export class Relay {
 
   unblock(): void {
     this.blocked = false;
+  }
+
+  /** Keeps the server's answers back (the watcher waits on a command) until releaseReplies. */
+  holdReplies(): void {
+    this.held ??= [];
+  }
+
+  releaseReplies(): void {
+    const held = this.held ?? [];
+    this.held = null;
+    for (const [client, d] of held) if (!client.destroyed) client.write(d);
   }
 
   async close(): Promise<void> {
