@@ -8,6 +8,7 @@ import { execFile } from 'node:child_process';
 import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runConfigCheck } from '../../../src/cli/config-check.js';
 import {
@@ -310,13 +311,23 @@ describe('a file that exists but cannot be read', () => {
       const secret = join(locked, 'master.pw');
       writeFileSync(secret, 'pw\n');
       chmodSync(secret, 0o000);
-      // root reads any file; an unprivileged user is what a misconfigured deployment has
-      const asNobody = process.getuid?.() === 0 ? { uid: 65534, gid: 65534 } : {};
+      // Root reads any file; an unprivileged user is what a misconfigured deployment has. The command is loaded
+      // first and the process then drops to nobody: the checkout itself may be unreadable to nobody (a clone
+      // inside a 0700 temporary directory), and only the secret file's permissions are under test.
+      const script = [
+        `const { main } = await import(${JSON.stringify(pathToFileURL(join(ROOT, 'src/cli/main.ts')).href)});`,
+        'if (process.getuid() === 0) { process.setgid(65534); process.setuid(65534); }',
+        'process.exitCode = await main(JSON.parse(process.env.TEST_CLI_ARGV));',
+      ].join('\n');
       const r = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
         execFile(
           process.execPath,
-          ['--import', join(ROOT, 'node_modules/tsx/dist/esm/index.mjs'), join(ROOT, 'src/cli/main.ts'), 'config', 'check', ...baseArgs([])],
-          { cwd: tmpdir(), env: cleanEnv({ XAPS_MASTER_PASSWORD_FILE: secret }), timeout: 30_000, ...asNobody },
+          ['--import', join(ROOT, 'node_modules/tsx/dist/esm/index.mjs'), '--input-type=module', '-e', script],
+          {
+            cwd: tmpdir(),
+            env: { ...cleanEnv({ XAPS_MASTER_PASSWORD_FILE: secret }), TEST_CLI_ARGV: JSON.stringify(['config', 'check', ...baseArgs([])]) },
+            timeout: 30_000,
+          },
           (err, stdout, stderr) => resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr }),
         );
       });
