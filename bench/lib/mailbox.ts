@@ -10,6 +10,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { prng } from '../../src/testbed/random.js';
 import { runCommand } from '../../src/testbed/index.js';
 
 export interface MailboxSpec {
@@ -35,19 +36,6 @@ export interface FilledMailbox {
   digests?: string[];
   /** With `perMessage`: the file names written into Maildir/cur, in UID order. */
   files?: string[];
-}
-
-/** xorshift32: fast, deterministic, good enough for picking sizes and offsets. */
-export function prng(seed: number): () => number {
-  let x = seed >>> 0 || 0x9e3779b9;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 0x1_0000_0000;
-  };
 }
 
 const KB = 1024;

@@ -15,7 +15,7 @@
  * message written with that UID, the header FETCH returns 20 literals, the flag FETCH one
  * response per message, APPEND an APPENDUID. A mismatch is a BenchFailure (wrong bytes).
  */
-import { prng } from '../lib/mailbox.js';
+import { prng } from '../../src/testbed/random.js';
 import { BenchFailure } from '../lib/lifecycle.js';
 import { MixClient, type Endpoint, type Reply } from './client.js';
 

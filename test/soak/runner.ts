@@ -50,6 +50,7 @@ import { memoryVerdict, metricByLabel, metricSum, readCpuMs, readRss, verdictWin
 import { InspectorClient } from './inspector.js';
 import { startProxyProcess, type ProxyEntry, type ProxyLogStats, type ProxyProcess } from './proxy-process.js';
 import { startSoakUpstream, type SoakUpstream, type SoakUpstreamKind } from './upstream.js';
+import { prng } from '../../src/testbed/random.js';
 
 export type SoakWatchMode = 'notify' | 'idle' | 'events';
 
@@ -211,19 +212,6 @@ export interface SoakResult {
 
 // ------------------------------------------------------------------ helpers ---
 
-/** A small deterministic generator (xorshift32), so that a seed replays the same choices. */
-function randomSource(seed: number): () => number {
-  let x = seed >>> 0 || 0x9e3779b9;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 4294967296;
-  };
-}
-
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 function md5(s: string): string {
@@ -327,7 +315,7 @@ export async function runSoak(input: Partial<SoakOptions> & { minutes: number })
   o.upstream = upstreamKind;
   const upstreamName = upstreamKind === 'cyrus' ? 'Cyrus' : 'Dovecot';
   const t0 = Date.now();
-  const rand = randomSource(o.seed);
+  const rand = prng(o.seed);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
   const hex = (n: number) => Array.from({ length: n }, () => Math.floor(rand() * 16).toString(16)).join('');
   const uuid = () => `${hex(8)}-${hex(4)}-4${hex(3)}-a${hex(3)}-${hex(12)}`.toUpperCase();
